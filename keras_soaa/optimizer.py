@@ -1,0 +1,385 @@
+"""`SOAA`: Adam moments, a diagonal Fisher estimate and an adaptive trust region."""
+
+import math
+import numbers
+
+import keras
+from keras import ops
+
+from keras_soaa import trust_region
+
+# The five scalars of the trust-region controller, in the order they are
+# created (and saved): this order is part of the saved state layout.
+SCALAR_STATE_NAMES = (
+    "radius",
+    "loss_average",
+    "loss_count",
+    "predicted_reduction",
+    "previous_predicted_reduction",
+)
+
+
+def _check_real(name, value, low, high, *, low_open, high_open, rule):
+    """Raises `ValueError` naming `name` unless `value` is a real in range."""
+    is_real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if is_real and math.isfinite(value):
+        above_low = value > low if low_open else value >= low
+        below_high = value < high if high_open else value <= high
+        if above_low and below_high:
+            return
+    raise ValueError(
+        f"Argument `{name}` must be a float {rule}. Received: {name}={value!r}"
+    )
+
+
+def _validate_hyperparameters(
+    learning_rate,
+    beta_1,
+    beta_2,
+    epsilon,
+    radius_bound,
+    total_steps,
+    initial_radius,
+):
+    inf = math.inf
+    if isinstance(learning_rate, numbers.Real):
+        _check_real(
+            "learning_rate", learning_rate, 0.0, inf,
+            low_open=True, high_open=True, rule="> 0",
+        )
+    elif not callable(learning_rate):
+        raise ValueError(
+            "Argument `learning_rate` must be a float > 0, a "
+            "`keras.optimizers.schedules.LearningRateSchedule` or a callable. "
+            f"Received: learning_rate={learning_rate!r}"
+        )
+    for name, value in (("beta_1", beta_1), ("beta_2", beta_2)):
+        _check_real(
+            name, value, 0.0, 1.0,
+            low_open=False, high_open=True, rule="in [0, 1)",
+        )
+    _check_real(
+        "epsilon", epsilon, 0.0, inf, low_open=True, high_open=True, rule="> 0"
+    )
+    _check_real(
+        "radius_bound", radius_bound, 0.0, 1.0,
+        low_open=True, high_open=True, rule="in (0, 1)",
+    )
+    _check_real(
+        "initial_radius", initial_radius, 0.0, inf,
+        low_open=True, high_open=True, rule="> 0",
+    )
+    if total_steps is not None and (
+        not isinstance(total_steps, numbers.Integral)
+        or isinstance(total_steps, bool)
+        or total_steps < 1
+    ):
+        raise ValueError(
+            "Argument `total_steps` must be `None` or an integer >= 1. "
+            f"Received: total_steps={total_steps!r}"
+        )
+
+
+@keras.saving.register_keras_serializable(package="keras_soaa")
+class SOAA(keras.optimizers.Optimizer):
+    """SOAA: second-order adaptive Adam with an adaptive trust region.
+
+    SOAA ("Efficient Second-Order Neural Network Optimization via Adaptive
+    Trust Region Methods", arXiv 2410.02293) preconditions Adam's moments with
+    a diagonal Fisher estimate (O(n) memory and time) and scales each step by
+    a trust-region radius `d` that grows or shrinks with the ratio of the
+    *observed* loss reduction to the *predicted* one.
+
+    For every variable `theta` with gradient `g`, at step `t`:
+
+    ```
+    m     = beta_1 * m + (1 - beta_1) * g
+    v     = beta_2 * v + (1 - beta_2) * g**2
+    m_hat = m / (1 - beta_1**t)
+    v_hat = v / (1 - beta_2**t)
+    c     = 1 + sum(m_hat**2) / sum(v_hat + epsilon)  # sums over this variable
+    F     = c * v_hat                                  # diagonal Fisher
+    r     = maximum(d * F, sqrt(v_hat))
+    u     = d * m_hat / (r + epsilon)
+    theta = theta - learning_rate * u
+    predicted_reduction += learning_rate * sum(m_hat * u - v_hat * u**2 / 2)
+    ```
+
+    The radius only changes when a loss is observed (`observe_loss`, called by
+    `keras_soaa.TrustRegionCallback` during `fit`): with `k` losses seen,
+
+    ```
+    loss_average = beta_1 * loss_average + (1 - beta_1) * loss
+    rho = (loss_average / (1 - beta_1**k) - loss)
+          / max(previous_predicted_reduction, epsilon)
+    e   = min(t - 1, total_steps) / total_steps
+    d   = min(1 + radius_bound**e, max((1 - radius_bound)**e, rho * d))
+    ```
+
+    and the predicted reduction accumulated since the previous observation
+    becomes the one the next observation is judged against.
+
+    A variable whose gradient holds a NaN or an infinity is left exactly as
+    it was for that step (weights, moments, no weight decay, nothing added to
+    the predicted reduction); a non-finite loss is not averaged in and sets
+    the radius to its lower bound.
+
+    Args:
+        learning_rate: A float > 0, a
+            `keras.optimizers.schedules.LearningRateSchedule` instance, or a
+            callable that takes no arguments and returns the value to use.
+            Defaults to `0.001`.
+        beta_1: Float in `[0, 1)`. Decay rate of the first moment and of the
+            observed-loss average. Defaults to `0.9`.
+        beta_2: Float in `[0, 1)`. Decay rate of the second moment. Defaults
+            to `0.999`.
+        epsilon: Float > 0. Small constant for numerical stability, also the
+            floor of the predicted reduction in `rho`. Defaults to `1e-8`.
+        radius_bound: Float in `(0, 1)`. The radius bounds narrow from
+            `[1, 2]` to `[1 - radius_bound, 1 + radius_bound]` over
+            `total_steps`. Defaults to `0.1`.
+        total_steps: `None` or an integer >= 1: the number of steps over which
+            the radius bounds narrow. `TrustRegionCallback` fills it in from
+            `fit`'s epochs and steps when it is `None`. Defaults to `None`.
+        initial_radius: Float > 0. The radius before the first observed
+            loss. Defaults to `1.0`.
+        weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema,
+        ema_momentum, ema_overwrite_frequency, loss_scale_factor,
+        gradient_accumulation_steps, name: as in `keras.optimizers.Optimizer`.
+            `weight_decay` is decoupled: `theta -= learning_rate *
+            weight_decay * theta` before the SOAA step.
+    """
+
+    def __init__(
+        self,
+        learning_rate=0.001,
+        beta_1=0.9,
+        beta_2=0.999,
+        epsilon=1e-8,
+        radius_bound=0.1,
+        total_steps=None,
+        initial_radius=1.0,
+        weight_decay=None,
+        clipnorm=None,
+        clipvalue=None,
+        global_clipnorm=None,
+        use_ema=False,
+        ema_momentum=0.99,
+        ema_overwrite_frequency=None,
+        loss_scale_factor=None,
+        gradient_accumulation_steps=None,
+        name=None,
+        **kwargs,
+    ):
+        _validate_hyperparameters(
+            learning_rate,
+            beta_1,
+            beta_2,
+            epsilon,
+            radius_bound,
+            total_steps,
+            initial_radius,
+        )
+        if isinstance(learning_rate, numbers.Real):
+            # The base class takes Python floats only; an int is just as clear.
+            learning_rate = float(learning_rate)
+        super().__init__(
+            learning_rate=learning_rate,
+            name=name,
+            weight_decay=weight_decay,
+            clipnorm=clipnorm,
+            clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm,
+            use_ema=use_ema,
+            ema_momentum=ema_momentum,
+            ema_overwrite_frequency=ema_overwrite_frequency,
+            loss_scale_factor=loss_scale_factor,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            **kwargs,
+        )
+        self.beta_1 = float(beta_1)
+        self.beta_2 = float(beta_2)
+        self.epsilon = float(epsilon)
+        self.radius_bound = float(radius_bound)
+        self.total_steps = None if total_steps is None else int(total_steps)
+        self.initial_radius = float(initial_radius)
+
+    def build(self, var_list):
+        """Creates `m` and `v` per variable and the five controller scalars.
+
+        Args:
+            var_list: list of model variables to build SOAA variables on.
+        """
+        if self.built:
+            return
+        super().build(var_list)
+        self._momentums, self._velocities = self.add_optimizer_variables(
+            var_list, ["momentum", "velocity"]
+        )
+        initial_values = {"radius": self.initial_radius}
+        for name in SCALAR_STATE_NAMES:
+            variable = self.add_variable(
+                shape=(),
+                initializer=keras.initializers.Constant(
+                    initial_values.get(name, 0.0)
+                ),
+                dtype="float32",
+                aggregation="only_first_replica",
+                name=name,
+            )
+            setattr(self, f"_{name}", variable)
+
+    @property
+    def radius(self):
+        """The trust-region radius `d` (a float32 scalar variable)."""
+        return self._radius
+
+    @property
+    def loss_average(self):
+        """The average of observed losses, not bias-corrected."""
+        return self._loss_average
+
+    @property
+    def loss_count(self):
+        """The number of finite losses observed."""
+        return self._loss_count
+
+    @property
+    def predicted_reduction(self):
+        """The reduction predicted by the steps since the last observation."""
+        return self._predicted_reduction
+
+    @property
+    def previous_predicted_reduction(self):
+        """What `predicted_reduction` was at the last observation."""
+        return self._previous_predicted_reduction
+
+    def _trust_region_state(self):
+        return trust_region.TrustRegionState(
+            *(getattr(self, f"_{name}") for name in SCALAR_STATE_NAMES)
+        )
+
+    def _apply_weight_decay(self, variables):
+        # Weight decay is applied in `update_step` instead, where a step that
+        # is skipped for a non-finite gradient can skip it too.
+        return
+
+    def update_step(self, gradient, variable, learning_rate):
+        """Update step given gradient and the associated model variable."""
+        dtype = variable.dtype
+        lr = ops.cast(learning_rate, dtype)
+        gradient = ops.cast(gradient, dtype)
+        local_step = ops.cast(self.iterations + 1, dtype)
+        beta_1_correction = trust_region.bias_correction(
+            self.beta_1, local_step
+        )
+        beta_2_correction = trust_region.bias_correction(
+            self.beta_2, local_step
+        )
+        radius = ops.cast(self._radius, dtype)
+
+        index = self._get_variable_index(variable)
+        m_variable = self._momentums[index]
+        v_variable = self._velocities[index]
+        m = ops.convert_to_tensor(m_variable)
+        v = ops.convert_to_tensor(v_variable)
+        theta = ops.convert_to_tensor(variable)
+
+        new_m = ops.add(m, ops.multiply(ops.subtract(gradient, m), 1 - self.beta_1))
+        new_v = ops.add(
+            v, ops.multiply(ops.subtract(ops.square(gradient), v), 1 - self.beta_2)
+        )
+        m_hat = ops.divide(new_m, beta_1_correction)
+        v_hat = ops.divide(new_v, beta_2_correction)
+        curvature_scale = 1 + ops.divide(
+            ops.sum(ops.square(m_hat)), ops.sum(ops.add(v_hat, self.epsilon))
+        )
+        fisher = ops.multiply(curvature_scale, v_hat)
+        denominator = ops.maximum(ops.multiply(radius, fisher), ops.sqrt(v_hat))
+        direction = ops.divide(
+            ops.multiply(radius, m_hat), ops.add(denominator, self.epsilon)
+        )
+        predicted = ops.multiply(
+            lr,
+            ops.sum(
+                ops.subtract(
+                    ops.multiply(m_hat, direction),
+                    ops.multiply(0.5, ops.multiply(v_hat, ops.square(direction))),
+                )
+            ),
+        )
+
+        new_theta = theta
+        if self.weight_decay is not None and self._use_weight_decay(variable):
+            wd = ops.cast(self.weight_decay, dtype)
+            new_theta = ops.subtract(theta, theta * wd * lr)
+        new_theta = ops.subtract(new_theta, ops.multiply(lr, direction))
+
+        # A non-finite gradient leaves this variable and its state untouched.
+        is_finite = ops.all(ops.isfinite(gradient))
+        self.assign(m_variable, ops.where(is_finite, new_m, m))
+        self.assign(v_variable, ops.where(is_finite, new_v, v))
+        self.assign(variable, ops.where(is_finite, new_theta, theta))
+        self.assign_add(
+            self._predicted_reduction,
+            ops.cast(ops.where(is_finite, predicted, 0.0), "float32"),
+        )
+
+    def observe_loss(self, loss):
+        """Feeds one observed training loss to the trust-region controller.
+
+        Call it after the step(s) the loss belongs to: `loss` is the mean
+        training loss of the step(s) applied since the previous call, computed
+        at the weights before them (what `fit` reports for a batch).
+        `TrustRegionCallback` calls it during `fit`; custom training loops
+        call it after `optimizer.apply(...)`.
+
+        Args:
+            loss: a Python float or a scalar tensor.
+        """
+        if not self.built:
+            raise ValueError(
+                "`observe_loss` was called before the optimizer was built: "
+                "apply at least one step (or call `optimizer.build(variables)`) "
+                "first."
+            )
+        if self.total_steps is None:
+            raise ValueError(
+                "SOAA needs `total_steps` to schedule its radius bounds. Pass "
+                "`SOAA(total_steps=...)` (the number of optimizer steps of the "
+                "run), or train with `model.fit(..., "
+                "callbacks=[keras_soaa.TrustRegionCallback()])`, which sets it "
+                "from the epochs and steps per epoch."
+            )
+        loss = ops.cast(ops.convert_to_tensor(loss), "float32")
+        if len(ops.shape(loss)) != 0:
+            raise ValueError(
+                "`observe_loss` takes one scalar loss. Received a tensor of "
+                f"shape {ops.shape(loss)}."
+            )
+        new_state = trust_region.observe(
+            self._trust_region_state(),
+            loss,
+            self.iterations,
+            total_steps=self.total_steps,
+            radius_bound=self.radius_bound,
+            beta_1=self.beta_1,
+            epsilon=self.epsilon,
+        )
+        for variable, value in zip(self._trust_region_state(), new_state):
+            variable.assign(value)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "beta_1": self.beta_1,
+                "beta_2": self.beta_2,
+                "epsilon": self.epsilon,
+                "radius_bound": self.radius_bound,
+                "total_steps": self.total_steps,
+                "initial_radius": self.initial_radius,
+            }
+        )
+        return config
+

@@ -1,0 +1,108 @@
+"""The trust-region controller of SOAA: how the radius reacts to an observed loss.
+
+The controller is a pure function of the five scalar state values of the
+optimizer and one observed loss, written in `keras.ops` so that it runs on
+every backend, eagerly or inside a compiled function.
+"""
+
+from typing import NamedTuple
+
+from keras import ops
+
+
+class TrustRegionState(NamedTuple):
+    """The scalar state of the controller (all float32 scalars)."""
+
+    radius: object
+    loss_average: object
+    loss_count: object
+    predicted_reduction: object
+    previous_predicted_reduction: object
+
+
+def bias_correction(beta: float, step):
+    """Returns `1 - beta**step` in the dtype of `step`, accurate in float32.
+
+    `beta = 0.999` rounds to float32 with a relative error of 1e-5 in
+    `1 - beta`; computing from the Python float `1 - beta` keeps it at 1e-7.
+    """
+    one_minus_beta = ops.convert_to_tensor(1.0 - beta, dtype=step.dtype)
+    return -ops.expm1(step * ops.log1p(-one_minus_beta))
+
+
+def radius_bounds(iterations, total_steps: int, radius_bound: float):
+    """Returns `(lower, upper)` bounds of the radius after `iterations` steps.
+
+    The exponent `e = min(t - 1, T) / T` runs from 0 at the first step to 1 at
+    step `T + 1` and stays there (the spec's clamp past `T`), so the bounds
+    narrow from `[1, 2]` to `[1 - radius_bound, 1 + radius_bound]`.
+    """
+    t = ops.cast(iterations, "float32")
+    exponent = ops.divide(
+        ops.minimum(ops.maximum(t - 1.0, 0.0), float(total_steps)),
+        float(total_steps),
+    )
+    lower = ops.power(1.0 - radius_bound, exponent)
+    upper = 1.0 + ops.power(radius_bound, exponent)
+    return lower, upper
+
+
+def observe(
+    state: TrustRegionState,
+    loss,
+    iterations,
+    *,
+    total_steps: int,
+    radius_bound: float,
+    beta_1: float,
+    epsilon: float,
+) -> TrustRegionState:
+    """Returns the controller state after observing one training loss.
+
+    Args:
+        state: the current `TrustRegionState`.
+        loss: a float32 scalar, the training loss of the step(s) applied since
+            the previous observation, computed at the weights before them.
+        iterations: the optimizer's step count, already incremented by the
+            step(s) that `loss` belongs to.
+        total_steps: `T`, the step at which the radius bounds stop narrowing.
+        radius_bound: `gamma`, the final half-width of the radius bounds.
+        beta_1: decay rate of the loss average (the optimizer's `beta_1`).
+        epsilon: floor of the predicted reduction in the ratio `rho`.
+
+    A non-finite `loss` is not averaged in: the radius drops to its lower
+    bound and the predicted reductions roll over as usual.
+    """
+    is_finite = ops.isfinite(loss)
+    safe_loss = ops.where(is_finite, loss, 0.0)
+
+    count = state.loss_count + ops.cast(is_finite, "float32")
+    average = ops.where(
+        is_finite,
+        beta_1 * state.loss_average + (1.0 - beta_1) * safe_loss,
+        state.loss_average,
+    )
+    # On the first observation the bias-corrected average *is* the loss; in
+    # float32, `average / (1 - beta_1)` misses it by a rounding error that,
+    # divided by `epsilon` below, would throw the radius to a random bound.
+    is_first = ops.less_equal(count, 1.0)
+    corrected_average = ops.where(
+        is_first,
+        safe_loss,
+        average / bias_correction(beta_1, ops.maximum(count, 1.0)),
+    )
+    rho = (corrected_average - safe_loss) / ops.maximum(
+        state.previous_predicted_reduction, epsilon
+    )
+
+    lower, upper = radius_bounds(iterations, total_steps, radius_bound)
+    adapted_radius = ops.minimum(upper, ops.maximum(lower, rho * state.radius))
+    radius = ops.where(is_finite, adapted_radius, lower)
+
+    return TrustRegionState(
+        radius=radius,
+        loss_average=average,
+        loss_count=count,
+        predicted_reduction=ops.zeros_like(state.predicted_reduction),
+        previous_predicted_reduction=state.predicted_reduction,
+    )
