@@ -44,7 +44,6 @@ class TrustRegionCallback(keras.callbacks.Callback):
       the ones that should see it).
 
     Example:
-
     ```python
     model.compile(optimizer=keras_soaa.SOAA(), loss="mse")
     model.fit(x, y, epochs=5, callbacks=[keras_soaa.TrustRegionCallback()])
@@ -52,6 +51,7 @@ class TrustRegionCallback(keras.callbacks.Callback):
     """
 
     def on_train_begin(self, logs=None):
+        """Finds the SOAA optimizer and fills in its `total_steps`."""
         self._optimizer = find_soaa(self.model.optimizer)
         if self._optimizer.total_steps is None:
             epochs = self.params.get("epochs")
@@ -64,10 +64,12 @@ class TrustRegionCallback(keras.callbacks.Callback):
         self._reset_tracker_reading()
 
     def on_epoch_begin(self, epoch, logs=None):
+        """Follows `fit`'s reset of the loss tracker."""
         # `fit` resets its metrics, the loss tracker included, at each epoch.
         self._reset_tracker_reading()
 
     def on_train_batch_end(self, batch, logs=None):
+        """Observes the loss of the batch(es) just trained."""
         self._sync_backend_state()
         tracker = self.model._loss_tracker
         total = float(ops.convert_to_numpy(tracker.total))
@@ -81,6 +83,7 @@ class TrustRegionCallback(keras.callbacks.Callback):
             logs["radius"] = self._radius()
 
     def on_epoch_end(self, epoch, logs=None):
+        """Adds the radius to the epoch's logs."""
         if logs is not None:
             logs["radius"] = self._radius()
 

@@ -255,8 +255,10 @@ class SOAA(keras.optimizers.Optimizer):
         return self._previous_predicted_reduction
 
     def _trust_region_state(self):
+        # Copies: on torch a variable's tensor is updated in place, and the
+        # new state is assigned one variable at a time.
         return trust_region.TrustRegionState(
-            *(getattr(self, f"_{name}") for name in SCALAR_STATE_NAMES)
+            *(ops.copy(getattr(self, f"_{name}")) for name in SCALAR_STATE_NAMES)
         )
 
     def _apply_weight_decay(self, variables):
@@ -366,10 +368,27 @@ class SOAA(keras.optimizers.Optimizer):
             beta_1=self.beta_1,
             epsilon=self.epsilon,
         )
-        for variable, value in zip(self._trust_region_state(), new_state):
-            variable.assign(value)
+        for name, value in zip(SCALAR_STATE_NAMES, new_state):
+            getattr(self, f"_{name}").assign(value)
+
+    def stateless_observe_loss(self, optimizer_variables, loss):
+        """Stateless `observe_loss`, for JAX training loops under `jax.jit`.
+
+        Args:
+            optimizer_variables: the current values of `self.variables`, as
+                returned by `stateless_apply`.
+            loss: the observed loss (see `observe_loss`).
+
+        Returns:
+            The new values of `self.variables`.
+        """
+        mapping = list(zip(self.variables, optimizer_variables))
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            self.observe_loss(loss)
+        return [scope.get_current_value(v) for v in self.variables]
 
     def get_config(self):
+        """Returns the config: every constructor argument."""
         config = super().get_config()
         config.update(
             {

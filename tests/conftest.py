@@ -1,0 +1,76 @@
+"""Shared helpers: the tests run once per backend (`KERAS_BACKEND`)."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from keras_soaa.optimizer import SCALAR_STATE_NAMES  # noqa: E402
+
+BACKEND = keras.backend.backend()
+
+
+def float64_available() -> bool:
+    """JAX runs without x64 by default: float64 variables are float32 there."""
+    return BACKEND != "jax" or bool(
+        __import__("jax").config.read("jax_enable_x64")
+    )
+
+
+def to_numpy(x):
+    return np.asarray(keras.ops.convert_to_numpy(x), dtype=np.float64)
+
+
+def scalars_of(optimizer):
+    """The five scalar state values of a SOAA optimizer, in the spec's order."""
+    return np.array(
+        [float(to_numpy(getattr(optimizer, name))) for name in SCALAR_STATE_NAMES]
+    )
+
+
+def compiled_apply(optimizer, variables):
+    """Returns `apply(grads)` running the optimizer step compiled (XLA).
+
+    TF: `tf.function(jit_compile=True)`; JAX: `jax.jit(stateless_apply)`;
+    torch: `torch.compile` of `apply`.
+    """
+    optimizer.build(variables)
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        step = tf.function(
+            lambda grads: optimizer.apply(grads, variables), jit_compile=True
+        )
+        return lambda grads: step([tf.constant(g) for g in grads])
+    if BACKEND == "jax":
+        import jax
+
+        step = jax.jit(optimizer.stateless_apply)
+
+        def apply(grads):
+            new_weights, new_state = step(
+                [v.value for v in optimizer.variables],
+                [keras.ops.convert_to_tensor(g) for g in grads],
+                [v.value for v in variables],
+            )
+            for variable, value in zip(variables, new_weights):
+                variable.assign(value)
+            for variable, value in zip(optimizer.variables, new_state):
+                variable.assign(value)
+
+        return apply
+    if BACKEND == "torch":
+        import torch
+
+        step = torch.compile(lambda grads: optimizer.apply(grads, variables))
+        return lambda grads: step([keras.ops.convert_to_tensor(g) for g in grads])
+    raise NotImplementedError(BACKEND)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_keras_state():
+    keras.backend.clear_session()
+    yield

@@ -1,0 +1,61 @@
+"""Lint, then run the test suite once per Keras backend.
+
+    python tests/run_all_backends.py [pytest args...]
+
+Runs `ruff check`, then `pytest` with `KERAS_BACKEND` set to tensorflow, jax
+and torch in turn, and ends with one summary line. Exits non-zero if the lint
+or any backend fails (or runs no test).
+"""
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BACKENDS = ("tensorflow", "jax", "torch")
+
+
+def count(pattern, text):
+    found = re.findall(rf"(\d+) {pattern}", text)
+    return int(found[-1]) if found else 0
+
+
+def main(pytest_args):
+    lint = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "."], cwd=ROOT
+    )
+    if lint.returncode != 0:
+        print("ruff check failed")
+        return 1
+    passed = failed = 0
+    failing = []
+    for backend in BACKENDS:
+        start = time.time()
+        print(f"=== KERAS_BACKEND={backend}", flush=True)
+        env = dict(os.environ, KERAS_BACKEND=backend)
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
+             *pytest_args],
+            cwd=ROOT, env=env, capture_output=True, text=True,
+        )
+        print(result.stdout[-20000:], result.stderr[-5000:], sep="\n")
+        summary = result.stdout.strip().splitlines()[-1:] or [""]
+        backend_passed = count("passed", summary[0])
+        backend_failed = count("failed", summary[0]) + count("error", summary[0])
+        passed += backend_passed
+        failed += backend_failed
+        if result.returncode != 0 or backend_passed == 0:
+            failing.append(backend)
+        print(f"=== {backend}: {backend_passed} passed, {backend_failed} "
+              f"failed in {time.time() - start:.0f}s", flush=True)
+    if failing:
+        print(f"backends failing: {', '.join(failing)}")
+    print(f"all backends: {passed} passed, {failed} failed")
+    return 1 if failing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

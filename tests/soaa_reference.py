@@ -1,0 +1,127 @@
+"""An independent float64 NumPy reference of SOAA, written from SOAA_SPEC.md.
+
+It shares no code with `keras_soaa`: the tests compare the optimizer with it.
+"""
+
+import numpy as np
+
+
+class ReferenceSOAA:
+    """SOAA over a list of float64 arrays, one block per variable."""
+
+    def __init__(
+        self,
+        weights,
+        learning_rate=0.001,
+        beta_1=0.9,
+        beta_2=0.999,
+        epsilon=1e-8,
+        radius_bound=0.1,
+        total_steps=None,
+        initial_radius=1.0,
+        weight_decay=None,
+    ):
+        self.weights = [np.array(w, dtype=np.float64) for w in weights]
+        self.m = [np.zeros_like(w) for w in self.weights]
+        self.v = [np.zeros_like(w) for w in self.weights]
+        self.learning_rate = learning_rate
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.epsilon = epsilon
+        self.radius_bound = radius_bound
+        self.total_steps = total_steps
+        self.weight_decay = weight_decay
+        self.iterations = 0
+        self.radius = float(initial_radius)
+        self.loss_average = 0.0
+        self.loss_count = 0
+        self.predicted_reduction = 0.0
+        self.previous_predicted_reduction = 0.0
+        # Which branch of r = max(d F, sqrt(v_hat)) each element took.
+        self.fisher_branch_count = 0
+        self.sqrt_branch_count = 0
+
+    def step(self, grads, learning_rate=None):
+        """One optimizer step; `learning_rate` overrides the constant one."""
+        lr = self.learning_rate if learning_rate is None else learning_rate
+        t = self.iterations + 1
+        b1, b2, eps, d = self.beta_1, self.beta_2, self.epsilon, self.radius
+        for i, g in enumerate(grads):
+            g = np.asarray(g, dtype=np.float64)
+            if not np.all(np.isfinite(g)):
+                continue
+            m = b1 * self.m[i] + (1 - b1) * g
+            v = b2 * self.v[i] + (1 - b2) * g**2
+            m_hat = m / (1 - b1**t)
+            v_hat = v / (1 - b2**t)
+            c = 1 + np.sum(m_hat**2) / np.sum(v_hat + eps)
+            fisher = c * v_hat
+            r = np.maximum(d * fisher, np.sqrt(v_hat))
+            self.fisher_branch_count += int(
+                np.sum(d * fisher > np.sqrt(v_hat))
+            )
+            self.sqrt_branch_count += int(np.sum(d * fisher < np.sqrt(v_hat)))
+            u = d * m_hat / (r + eps)
+            theta = self.weights[i]
+            if self.weight_decay is not None:
+                theta = theta - lr * self.weight_decay * theta
+            self.weights[i] = theta - lr * u
+            self.m[i], self.v[i] = m, v
+            self.predicted_reduction += lr * np.sum(
+                m_hat * u - 0.5 * v_hat * u**2
+            )
+        self.iterations = t
+
+    def bounds(self):
+        """The radius bounds `(lower, upper)` at the current iteration."""
+        e = min(self.iterations - 1, self.total_steps) / self.total_steps
+        e = max(e, 0.0)
+        return (1 - self.radius_bound) ** e, 1 + self.radius_bound**e
+
+    def observe(self, loss):
+        """Feeds one observed loss to the controller."""
+        lower, upper = self.bounds()
+        if np.isfinite(loss):
+            self.loss_count += 1
+            k = self.loss_count
+            self.loss_average = (
+                self.beta_1 * self.loss_average + (1 - self.beta_1) * loss
+            )
+            if k == 1:
+                corrected = loss  # the spec: "on the first observation, = loss"
+            else:
+                corrected = self.loss_average / (1 - self.beta_1**k)
+            rho = (corrected - loss) / max(
+                self.previous_predicted_reduction, self.epsilon
+            )
+            self.radius = min(upper, max(lower, rho * self.radius))
+        else:
+            self.radius = lower
+        self.previous_predicted_reduction = self.predicted_reduction
+        self.predicted_reduction = 0.0
+
+    def loss_for_ratio(self, rho):
+        """The loss whose observation gives the ratio `rho` (for test design).
+
+        Solves `(corrected_average(loss) - loss) / p_prev = rho` for `loss`.
+        """
+        k = self.loss_count + 1
+        p = max(self.previous_predicted_reduction, self.epsilon)
+        if k == 1:
+            return 1.0
+        correction = 1 - self.beta_1**k
+        carried = self.beta_1 * self.loss_average / correction
+        slope = (1 - self.beta_1) / correction - 1
+        return (rho * p - carried) / slope
+
+    def scalars(self):
+        """The five scalar state values, in the spec's order."""
+        return np.array(
+            [
+                self.radius,
+                self.loss_average,
+                self.loss_count,
+                self.predicted_reduction,
+                self.previous_predicted_reduction,
+            ]
+        )

@@ -1,0 +1,164 @@
+"""`TrustRegionCallback` during `model.fit`: the losses it feeds and its logs."""
+
+import keras
+import numpy as np
+import pytest
+from conftest import BACKEND, to_numpy
+
+from keras_soaa import SOAA, TrustRegionCallback
+
+# 50 samples in batches of 16: 16, 16, 16 and an uneven last batch of 2.
+NUM_SAMPLES, BATCH_SIZE, EPOCHS = 50, 16, 3
+BATCH_SLICES = [slice(i, min(i + BATCH_SIZE, NUM_SAMPLES))
+                for i in range(0, NUM_SAMPLES, BATCH_SIZE)]
+
+
+def make_data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(NUM_SAMPLES, 3)).astype("float32")
+    y = (x @ np.array([[1.0], [-2.0], [0.5]]) + 0.3).astype("float32")
+    y[-2:] += 5.0  # the small last batch has a very different loss
+    return x, y
+
+
+def make_model(optimizer, **compile_kwargs):
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(optimizer=optimizer, loss="mse", **compile_kwargs)
+    return model
+
+
+def numpy_mse(model, x, y):
+    kernel, bias = (to_numpy(w) for w in model.weights)
+    return float(np.mean((x @ kernel + bias - y) ** 2))
+
+
+class BatchLossTruth(keras.callbacks.Callback):
+    """Records the loss of each batch at the weights it is trained from."""
+
+    def __init__(self, x, y):
+        super().__init__()
+        self.x, self.y, self.losses = x, y, []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if hasattr(self.model, "jax_state_sync"):
+            self.model.jax_state_sync()
+        s = BATCH_SLICES[batch]
+        self.losses.append(numpy_mse(self.model, self.x[s], self.y[s]))
+
+
+def record_fed_losses(optimizer):
+    """Wraps `optimizer.observe_loss` to record what it is fed."""
+    fed, observe = [], optimizer.observe_loss
+
+    def recording_observe(loss):
+        fed.append(float(loss))
+        observe(loss)
+
+    optimizer.observe_loss = recording_observe
+    return fed
+
+
+def test_feeds_exact_batch_losses():
+    x, y = make_data()
+    optimizer = SOAA(learning_rate=0.05)
+    model = make_model(optimizer)
+    fed = record_fed_losses(optimizer)
+    truth = BatchLossTruth(x, y)
+    history = model.fit(
+        x, y, batch_size=BATCH_SIZE, epochs=EPOCHS, shuffle=False, verbose=0,
+        callbacks=[TrustRegionCallback(), truth],
+    )
+    assert len(fed) == EPOCHS * len(BATCH_SLICES) == len(truth.losses)
+    np.testing.assert_allclose(fed, truth.losses, rtol=2e-6)
+    # What Keras logs (the epoch's running mean) is far from it.
+    assert not np.allclose(history.history["loss"][-1], truth.losses[-1])
+    assert optimizer.total_steps == EPOCHS * len(BATCH_SLICES)
+    assert int(to_numpy(optimizer.loss_count)) == len(fed)
+
+
+@pytest.mark.parametrize(
+    "steps_per_execution",
+    # torch's `fit` runs one step per call (Keras refuses more).
+    [1, 2, 3] if BACKEND != "torch" else [1],
+)
+def test_feeds_weighted_mean_with_steps_per_execution(steps_per_execution):
+    x, y = make_data()
+    # A negligible learning rate keeps the weights: each batch loss is known.
+    optimizer = SOAA(learning_rate=1e-30)
+    model = make_model(optimizer, steps_per_execution=steps_per_execution)
+    batch_losses = [numpy_mse(model, x[s], y[s]) for s in BATCH_SLICES]
+    sizes = [s.stop - s.start for s in BATCH_SLICES]
+    expected = []
+    for _ in range(EPOCHS):
+        for i in range(0, len(BATCH_SLICES), steps_per_execution):
+            group = slice(i, i + steps_per_execution)
+            expected.append(
+                np.average(batch_losses[group], weights=sizes[group])
+            )
+    fed = record_fed_losses(optimizer)
+    model.fit(
+        x, y, batch_size=BATCH_SIZE, epochs=EPOCHS, shuffle=False, verbose=0,
+        callbacks=[TrustRegionCallback()],
+    )
+    np.testing.assert_allclose(fed, expected, rtol=2e-6)
+
+
+def test_radius_in_history_and_csv_logs(tmp_path):
+    x, y = make_data()
+    optimizer = SOAA(learning_rate=0.05)
+    model = make_model(optimizer)
+    csv_path = tmp_path / "log.csv"
+    history = model.fit(
+        x, y, batch_size=BATCH_SIZE, epochs=EPOCHS, verbose=0,
+        callbacks=[
+            TrustRegionCallback(),
+            keras.callbacks.CSVLogger(str(csv_path)),
+        ],
+    )
+    radii = history.history["radius"]
+    assert len(radii) == EPOCHS
+    assert radii[-1] == pytest.approx(float(to_numpy(optimizer.radius)))
+    header, *rows = csv_path.read_text().splitlines()
+    assert "radius" in header.split(",")
+    assert len(rows) == EPOCHS
+
+
+def test_keeps_explicit_total_steps():
+    x, y = make_data()
+    optimizer = SOAA(total_steps=1000)
+    model = make_model(optimizer)
+    model.fit(x, y, batch_size=BATCH_SIZE, epochs=1, verbose=0,
+              callbacks=[TrustRegionCallback()])
+    assert optimizer.total_steps == 1000
+
+
+def test_refuses_other_optimizers():
+    x, y = make_data()
+    model = make_model(keras.optimizers.Adam())
+    with pytest.raises(ValueError, match="TrustRegionCallback.*SOAA"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[TrustRegionCallback()])
+
+
+def test_unwraps_loss_scale_optimizer():
+    x, y = make_data()
+    optimizer = SOAA(learning_rate=0.05)
+    model = make_model(keras.optimizers.LossScaleOptimizer(optimizer))
+    fed = record_fed_losses(optimizer)
+    model.fit(x, y, batch_size=BATCH_SIZE, epochs=1, verbose=0,
+              callbacks=[TrustRegionCallback()])
+    assert len(fed) == len(BATCH_SLICES)
+    assert optimizer.total_steps == len(BATCH_SLICES)
+    assert float(to_numpy(optimizer.loss_count)) == len(BATCH_SLICES)
+
+
+def test_training_reduces_loss():
+    x, y = make_data()
+    model = make_model(SOAA(learning_rate=0.1))
+    history = model.fit(
+        x, y, batch_size=BATCH_SIZE, epochs=20, verbose=0,
+        callbacks=[TrustRegionCallback()],
+    )
+    losses = history.history["loss"]
+    assert losses[-1] < 0.5 * losses[0]
+    assert all(np.isfinite(history.history["radius"]))
