@@ -8,6 +8,11 @@ from keras import ops
 
 from keras_soaa import trust_region
 
+# Bumped whenever the optimizer's variables change (number, order, meaning),
+# so that a file saved by a newer keras-soaa is refused, not mis-loaded: Keras
+# restores optimizer variables by position.
+STATE_LAYOUT_VERSION = 1
+
 # The five scalars of the trust-region controller, in the order they are
 # created (and saved): this order is part of the saved state layout.
 SCALAR_STATE_NAMES = (
@@ -387,6 +392,38 @@ class SOAA(keras.optimizers.Optimizer):
             self.observe_loss(loss)
         return [scope.get_current_value(v) for v in self.variables]
 
+    def load_own_variables(self, store):
+        """Restores the optimizer's variables from a saved store.
+
+        Keras restores optimizer variables by position and, when their number
+        differs, only warns and keeps the fresh state: a resumed run would
+        silently restart the trust region. A built SOAA refuses instead.
+        """
+        if self.built and len(store.keys()) != len(self.variables):
+            raise ValueError(
+                f"Cannot restore SOAA optimizer '{self.name}': the saved state "
+                f"has {len(store.keys())} variables, this optimizer has "
+                f"{len(self.variables)} (state layout version "
+                f"{STATE_LAYOUT_VERSION}). Was it saved with other options "
+                "(e.g. `use_ema`, `gradient_accumulation_steps`) or another "
+                "version of keras-soaa?"
+            )
+        super().load_own_variables(store)
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        """Creates a SOAA from `get_config()`, refusing newer state layouts."""
+        config = dict(config)
+        version = config.pop("state_layout_version", 1)
+        if version > STATE_LAYOUT_VERSION:
+            raise ValueError(
+                f"This SOAA config has state layout version {version}, but "
+                f"this keras-soaa reads up to version {STATE_LAYOUT_VERSION}: "
+                "it was saved by a newer keras-soaa. Upgrade keras-soaa to "
+                "load it."
+            )
+        return super().from_config(config, custom_objects=custom_objects)
+
     def get_config(self):
         """Returns the config: every constructor argument."""
         config = super().get_config()
@@ -398,6 +435,7 @@ class SOAA(keras.optimizers.Optimizer):
                 "radius_bound": self.radius_bound,
                 "total_steps": self.total_steps,
                 "initial_radius": self.initial_radius,
+                "state_layout_version": STATE_LAYOUT_VERSION,
             }
         )
         return config
