@@ -35,6 +35,13 @@ class TrustRegionCallback(keras.callbacks.Callback):
     trained since the previous call, weighted by batch size as `fit` reports
     it. With `steps_per_execution > 1` that is their weighted mean.
 
+    A loss is observed once the optimizer has taken a step since the previous
+    observation. Batches that moved no weights (a step skipped by
+    `LossScaleOptimizer` for non-finite gradients, or the first batches of
+    `gradient_accumulation_steps`) were trained at the same weights as the
+    next applied step, so their losses join that step's weighted mean instead
+    of being judged against a prediction no step made.
+
     It also:
     - sets the optimizer's `total_steps` from `fit`'s epochs and steps per
       epoch when it is `None` (`initial_epoch` included, so a resumed run
@@ -62,6 +69,9 @@ class TrustRegionCallback(keras.callbacks.Callback):
                     1, (epochs * steps) // accumulation
                 )
         self._reset_tracker_reading()
+        self._pending_total = 0.0
+        self._pending_count = 0.0
+        self._observed_iterations = self._iterations()
 
     def on_epoch_begin(self, epoch, logs=None):
         """Follows `fit`'s reset of the loss tracker."""
@@ -69,16 +79,22 @@ class TrustRegionCallback(keras.callbacks.Callback):
         self._reset_tracker_reading()
 
     def on_train_batch_end(self, batch, logs=None):
-        """Observes the loss of the batch(es) just trained."""
+        """Observes the loss of the batch(es) trained since the last step."""
         self._sync_backend_state()
         tracker = self.model._loss_tracker
         total = float(ops.convert_to_numpy(tracker.total))
         count = float(ops.convert_to_numpy(tracker.count))
-        batch_weight = count - self._seen_count
-        if batch_weight > 0:
-            batch_loss = (total - self._seen_total) / batch_weight
-            self._optimizer.observe_loss(batch_loss)
+        self._pending_total += total - self._seen_total
+        self._pending_count += count - self._seen_count
         self._seen_total, self._seen_count = total, count
+
+        iterations = self._iterations()
+        if iterations != self._observed_iterations and self._pending_count > 0:
+            self._optimizer.observe_loss(
+                self._pending_total / self._pending_count
+            )
+            self._pending_total = self._pending_count = 0.0
+            self._observed_iterations = iterations
         if logs is not None:
             logs["radius"] = self._radius()
 
@@ -90,6 +106,9 @@ class TrustRegionCallback(keras.callbacks.Callback):
     def _reset_tracker_reading(self):
         self._seen_total = 0.0
         self._seen_count = 0.0
+
+    def _iterations(self) -> int:
+        return int(ops.convert_to_numpy(self._optimizer.iterations))
 
     def _radius(self) -> float:
         return float(ops.convert_to_numpy(self._optimizer.radius))

@@ -162,3 +162,29 @@ def test_training_reduces_loss():
     losses = history.history["loss"]
     assert losses[-1] < 0.5 * losses[0]
     assert all(np.isfinite(history.history["radius"]))
+
+
+@pytest.mark.parametrize("accumulation_steps", [2, 3])
+def test_feeds_mean_of_accumulated_batches(accumulation_steps):
+    """With gradient accumulation, one loss per applied step: the weighted
+    mean of the batches accumulated into it (across epoch boundaries too)."""
+    x, y = make_data()
+    optimizer = SOAA(
+        learning_rate=1e-30, gradient_accumulation_steps=accumulation_steps
+    )
+    model = make_model(optimizer)
+    batch_losses = [numpy_mse(model, x[s], y[s]) for s in BATCH_SLICES] * EPOCHS
+    sizes = [s.stop - s.start for s in BATCH_SLICES] * EPOCHS
+    expected = [
+        np.average(batch_losses[i:i + accumulation_steps],
+                   weights=sizes[i:i + accumulation_steps])
+        for i in range(0, len(sizes) - accumulation_steps + 1,
+                       accumulation_steps)
+    ]
+    fed = record_fed_losses(optimizer)
+    model.fit(
+        x, y, batch_size=BATCH_SIZE, epochs=EPOCHS, shuffle=False, verbose=0,
+        callbacks=[TrustRegionCallback()],
+    )
+    np.testing.assert_allclose(fed, expected, rtol=2e-6)
+    assert optimizer.total_steps == EPOCHS * len(BATCH_SLICES) // accumulation_steps
