@@ -1,0 +1,355 @@
+"""Speed and memory of SOAA against Keras' own Adam, side by side, per backend.
+
+    python benchmarks/speed.py [--backends tensorflow,jax,torch] [--quick]
+
+Prints (and writes as markdown, default `benchmarks/results/speed.md`) one
+table: backend x mode x model with ms/step of Adam and of SOAA +
+`TrustRegionCallback` in `fit`, their ratio, the optimizer state bytes and
+the peak resident memory of each fit; and one table of `optimizer.apply`
+alone on a large set of variables (compiled where the backend compiles).
+
+Each backend runs in its own process (one backend per process in Keras);
+each peak-memory figure comes from a process of its own. Adam and SOAA are
+timed alternately, epoch by epoch, and the median of the repeats is kept, so
+both see the same machine load.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+MODES = {
+    "tensorflow": ["compiled", "eager"],
+    "jax": ["compiled"],
+    "torch": ["eager"],
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--backends", default="tensorflow,jax,torch")
+    parser.add_argument("--models", default="mlp,transformer")
+    parser.add_argument("--steps", type=int, default=20,
+                        help="training steps per timed epoch")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--apply-params", type=float, default=50e6,
+                        help="parameters in the optimizer.apply benchmark")
+    parser.add_argument("--output", default=str(HERE / "results" / "speed.md"))
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes: checks the script, not the speed")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-of", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+# --- inside a worker process (one backend) ---------------------------------
+
+
+def make_model(name, quick):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    if name == "mlp":
+        width = 64 if quick else 1024
+        model = keras.Sequential([
+            keras.Input((784,)),
+            keras.layers.Dense(width, activation="relu"),
+            keras.layers.Dense(width, activation="relu"),
+            keras.layers.Dense(10),
+        ])
+        return model, "sparse_categorical_crossentropy", (784,), 10
+    if name == "transformer":
+        length, dim, vocab = (16, 32, 64) if quick else (64, 128, 96)
+        inputs = keras.Input((length,), dtype="int32")
+        x = keras.layers.Embedding(vocab, dim)(inputs)
+        for _ in range(2):
+            attention = keras.layers.MultiHeadAttention(4, dim // 4)(
+                x, x, use_causal_mask=True
+            )
+            x = keras.layers.LayerNormalization()(x + attention)
+            hidden = keras.layers.Dense(4 * dim, activation="gelu")(x)
+            x = keras.layers.LayerNormalization()(
+                x + keras.layers.Dense(dim)(hidden)
+            )
+        outputs = keras.layers.Dense(vocab)(x)
+        model = keras.Model(inputs, outputs)
+        return model, "sparse_categorical_crossentropy", (length,), vocab
+    raise ValueError(name)
+
+
+def make_data(input_shape, classes, batch, steps, is_sequence):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n = batch * steps
+    if is_sequence:
+        x = rng.integers(0, classes, size=(n, *input_shape)).astype("int32")
+        y = np.roll(x, -1, axis=1)
+    else:
+        x = rng.normal(size=(n, *input_shape)).astype("float32")
+        y = rng.integers(0, classes, size=(n,)).astype("int32")
+    return x, y
+
+
+def make_optimizer(name):
+    import keras
+
+    import keras_soaa
+
+    if name == "adam":
+        return keras.optimizers.Adam(1e-3), []
+    return keras_soaa.SOAA(1e-3), [keras_soaa.TrustRegionCallback()]
+
+
+class EpochTimer:
+    """Wall-clock time of each epoch, without a batch-level hook."""
+
+    def __init__(self):
+        import keras
+
+        class Timer(keras.callbacks.Callback):
+            def on_epoch_begin(inner, epoch, logs=None):
+                inner.start = time.perf_counter()
+
+            def on_epoch_end(inner, epoch, logs=None):
+                self.seconds.append(time.perf_counter() - inner.start)
+
+        self.seconds = []
+        self.callback = Timer()
+
+
+def state_bytes(optimizer):
+    """Bytes of the optimizer's variables (its whole state)."""
+    import keras
+    import numpy as np
+
+    return sum(
+        int(np.prod(v.shape)) * np.dtype(keras.backend.standardize_dtype(
+            v.dtype)).itemsize
+        for v in optimizer.variables
+    )
+
+
+def time_fit(model_name, mode, args):
+    """Median ms/step of Adam and of SOAA + callback, timed alternately."""
+    batch = 32 if args.quick else 256
+    runs = {}
+    for opt_name in ("adam", "soaa"):
+        model, loss, input_shape, classes = make_model(model_name, args.quick)
+        optimizer, callbacks = make_optimizer(opt_name)
+        model.compile(optimizer=optimizer, loss=loss,
+                      run_eagerly=(mode == "eager"),
+                      jit_compile=(mode == "compiled"))
+        x, y = make_data(input_shape, classes, batch, args.steps,
+                         model_name == "transformer")
+        timer = EpochTimer()
+        runs[opt_name] = (model, x, y, callbacks + [timer.callback], timer)
+        model.fit(x, y, batch_size=batch, epochs=1, verbose=0,
+                  callbacks=callbacks)  # warm-up: tracing and compilation
+    for _ in range(args.repeats):
+        for opt_name in ("adam", "soaa"):
+            model, x, y, callbacks, _ = runs[opt_name]
+            model.fit(x, y, batch_size=batch, epochs=1, verbose=0,
+                      shuffle=False, callbacks=callbacks)
+    result = {}
+    for opt_name, (model, *_, timer) in runs.items():
+        result[opt_name] = 1000 * statistics.median(timer.seconds) / args.steps
+        result[f"{opt_name}_state_bytes"] = state_bytes(model.optimizer)
+    return result
+
+
+def time_apply(args):
+    """Median ms of `optimizer.apply` on `--apply-params` parameters."""
+    import keras
+    import numpy as np
+
+    import keras_soaa
+
+    backend = keras.backend.backend()
+    count = 10
+    size = int(args.apply_params / count) if not args.quick else 10_000
+    rng = np.random.default_rng(0)
+    grads_np = [rng.normal(size=(size,)).astype("float32")
+                for _ in range(count)]
+    result = {}
+    order = ("adam", "soaa")
+    steps = {}
+    for name in order:
+        variables = [keras.Variable(np.zeros(size, "float32"))
+                     for _ in range(count)]
+        optimizer = (keras.optimizers.Adam() if name == "adam"
+                     else keras_soaa.SOAA(total_steps=1000))
+        optimizer.build(variables)
+        grads = [keras.ops.convert_to_tensor(g) for g in grads_np]
+        if backend == "tensorflow":
+            steps[name] = tf_apply_step(optimizer, variables, grads)
+        elif backend == "jax":
+            import jax
+
+            state = {
+                "opt": [v.value for v in optimizer.variables],
+                "vars": [v.value for v in variables],
+            }
+            fn = jax.jit(optimizer.stateless_apply, donate_argnums=(0, 2))
+
+            def step(fn=fn, grads=grads, state=state):
+                state["vars"], state["opt"] = fn(state["opt"], grads,
+                                                 state["vars"])
+                return state["vars"][0].block_until_ready()
+            steps[name] = step
+        else:
+            import torch
+
+            def step(o=optimizer, grads=grads, v=variables):
+                with torch.no_grad():
+                    o.apply(grads, v)
+
+            steps[name] = step
+        steps[name]()  # warm-up
+    timings = {name: [] for name in order}
+    for _ in range(args.repeats * 2):
+        for name in order:
+            start = time.perf_counter()
+            steps[name]()
+            timings[name].append(time.perf_counter() - start)
+    for name in order:
+        result[name] = 1000 * statistics.median(timings[name])
+    result["params"] = size * count
+    return result
+
+
+def tf_apply_step(optimizer, variables, grads):
+    """One XLA-compiled `apply`, waiting for its result."""
+    import tensorflow as tf
+
+    @tf.function(jit_compile=True)
+    def apply(grads):
+        optimizer.apply(grads, variables)
+        return variables[0].value[0]
+
+    return lambda: apply(grads).numpy()
+
+
+def worker(args):
+    import keras
+
+    backend = keras.backend.backend()
+    out = {"backend": backend, "fit": [], "apply": None}
+    for model_name in args.models.split(","):
+        for mode in MODES[backend]:
+            row = time_fit(model_name, mode, args)
+            row.update(model=model_name, mode=mode)
+            out["fit"].append(row)
+            print(f"  {backend} {mode} {model_name}: adam {row['adam']:.2f} "
+                  f"ms/step, soaa {row['soaa']:.2f} ms/step", file=sys.stderr,
+                  flush=True)
+    out["apply"] = time_apply(args)
+    print(json.dumps(out))
+
+
+def memory_worker(args):
+    """Peak RSS of a fresh process training the MLP with one optimizer."""
+    import resource
+
+    model, loss, input_shape, classes = make_model("mlp", args.quick)
+    optimizer, callbacks = make_optimizer(args.memory_of)
+    model.compile(optimizer=optimizer, loss=loss)
+    batch = 32 if args.quick else 256
+    x, y = make_data(input_shape, classes, batch, args.steps, False)
+    model.fit(x, y, batch_size=batch, epochs=2, verbose=0,
+              callbacks=callbacks)
+    print(json.dumps(
+        {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+         / 1024}
+    ))
+
+
+# --- the driver --------------------------------------------------------------
+
+
+def run_child(backend, extra):
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run(
+        [sys.executable, __file__, *extra], env=env, text=True,
+        stdout=subprocess.PIPE, stderr=None, check=True,
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def format_report(results):
+    lines = [
+        "| backend | mode | model | Adam ms/step | SOAA ms/step | ratio "
+        "| state bytes Adam / SOAA | peak RSS MB Adam / SOAA |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        memory = result["memory"]
+        for row in result["fit"]:
+            peak = (
+                f"{memory['adam']:.0f} / {memory['soaa']:.0f} "
+                f"({memory['soaa'] / memory['adam'] - 1:+.1%})"
+                if row["model"] == "mlp" else ""
+            )
+            lines.append(
+                f"| {result['backend']} | {row['mode']} | {row['model']} "
+                f"| {row['adam']:.2f} | {row['soaa']:.2f} "
+                f"| {row['soaa'] / row['adam']:.3f} "
+                f"| {row['adam_state_bytes']:,} / {row['soaa_state_bytes']:,} "
+                f"| {peak} |"
+            )
+    lines += [
+        "",
+        "`optimizer.apply` alone (compiled on TF and JAX, eager on torch):",
+        "",
+        "| backend | parameters | Adam ms | SOAA ms | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for result in results:
+        a = result["apply"]
+        lines.append(
+            f"| {result['backend']} | {a['params']:,} | {a['adam']:.1f} "
+            f"| {a['soaa']:.1f} | {a['soaa'] / a['adam']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        return worker(args)
+    if args.memory_of:
+        return memory_worker(args)
+    passthrough = [
+        f"--models={args.models}", f"--steps={args.steps}",
+        f"--repeats={args.repeats}", f"--apply-params={args.apply_params}",
+    ] + (["--quick"] if args.quick else [])
+    results = []
+    for backend in args.backends.split(","):
+        print(f"[{backend}] timing fit and apply ...", flush=True)
+        result = run_child(backend, ["--worker", backend, *passthrough])
+        result["memory"] = {
+            name: run_child(backend, ["--memory-of", name, *passthrough])[
+                "peak_rss_mb"]
+            for name in ("adam", "soaa")
+        }
+        results.append(result)
+    report = format_report(results)
+    print(report)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(
+        "# SOAA vs Keras Adam: speed and memory\n\n"
+        f"Command: `python benchmarks/speed.py {' '.join(argv or sys.argv[1:])}`"
+        f"\n\n{report}"
+    )
+    print(f"written to {output}")
+
+
+if __name__ == "__main__":
+    main()
