@@ -1,0 +1,395 @@
+"""Plots and the markdown report of a benchmark run.
+
+    python benchmarks/report.py runs/benchmark   # redraw from results.json
+"""
+
+import io
+import json
+import math
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib import ticker  # noqa: E402
+
+NAMES = {"soaa": "SOAA", "adam": "Adam", "adamw": "AdamW", "lion": "Lion"}
+COLORS = {"soaa": "tab:red", "adam": "tab:blue", "adamw": "tab:green",
+          "lion": "tab:purple"}
+RADIUS_BOUND = 0.1  # SOAA's default `radius_bound` (γ), used by every run
+
+
+# -- numbers --------------------------------------------------------------------
+
+
+def trailing_mean(values, window):
+    """Mean of the last `window` values at each step (fewer at the start)."""
+    values = np.asarray(values, "float64")
+    sums = np.cumsum(np.insert(values, 0, 0.0))
+    ends = np.arange(1, len(values) + 1)
+    starts = np.maximum(0, ends - window)
+    return (sums[ends] - sums[starts]) / (ends - starts)
+
+
+def radius_bounds(steps, total_steps, gamma=RADIUS_BOUND):
+    """The bounds on the radius after the observation of step t = 1..steps.
+
+    After step t, e = min(t − 1, T) / T and the radius lies in
+    [(1 − γ)^e, 1 + γ^e].
+    """
+    e = np.minimum(np.arange(steps), total_steps) / total_steps
+    return (1 - gamma) ** e, 1 + gamma**e
+
+
+def bound_fractions(radii, total_steps):
+    """Fractions of steps with the radius on its lower and upper bound."""
+    radii = np.asarray(radii, "float64")
+    lower, upper = radius_bounds(len(radii), total_steps)
+    on_lower = np.abs(radii - lower) <= 1e-5 * lower
+    on_upper = np.abs(radii - upper) <= 1e-5 * upper
+    return float(on_lower.mean()), float(on_upper.mean())
+
+
+def _mean_std(values):
+    """Mean and sample standard deviation (0 for a single value)."""
+    values = np.asarray(values, "float64")
+    return float(values.mean()), float(values.std(ddof=1) if len(values) > 1 else 0.0)
+
+
+def summarize(entry):
+    """Per optimizer: the sweep, the tuned rate and the tuned runs' numbers."""
+    info = entry["problem"]
+    summary = {}
+    for optimizer, by_lr in entry["runs"].items():
+        sweep = {}
+        for key, records in by_lr.items():
+            finals = [r["final_loss"] for r in records]
+            diverged = any(f is None for f in finals)
+            mean, std = (math.inf, 0.0) if diverged else _mean_std(finals)
+            sweep[key] = {"lr": float(key), "mean": mean, "std": std,
+                          "diverged": diverged}
+        tuned_key = min(sweep, key=lambda k: sweep[k]["mean"])
+        tuned = by_lr[tuned_key]
+        lrs = [s["lr"] for s in sweep.values()]
+        item = {
+            "sweep": sweep,
+            "lr": float(tuned_key),
+            "at_edge": len(lrs) > 1 and float(tuned_key) in (min(lrs), max(lrs)),
+            "final": sweep[tuned_key],
+            "runs": tuned,
+            "ms_per_step": float(np.median(
+                [r["ms_per_step"] for rs in by_lr.values() for r in rs])),
+            "held_out": None,
+            "bounds": None,
+        }
+        held_out = [r["held_out"] for r in tuned]
+        if info["held_out_name"] and all(h is not None for h in held_out):
+            item["held_out"] = _mean_std(held_out)
+        if optimizer == "soaa" and not sweep[tuned_key]["diverged"]:
+            fractions = np.array(
+                [bound_fractions(r["radius"], info["steps"]) for r in tuned]
+            )
+            item["bounds"] = tuple(fractions.mean(0))
+            item["mean_radius"] = float(np.mean([r["radius"] for r in tuned]))
+        if not sweep[tuned_key]["diverged"]:
+            item["curve"] = np.mean([r["loss"] for r in tuned], axis=0)
+        summary[optimizer] = item
+    target = summary.get("adam", {}).get("final", {}).get("mean", math.inf)
+    for item in summary.values():
+        item["steps_to_adam"] = None
+        if "curve" in item and math.isfinite(target):
+            smooth = trailing_mean(item["curve"], info["final_window"])
+            # Adam's own smoothed curve ends exactly at its final loss.
+            reached = np.nonzero(smooth <= target * (1 + 1e-9))[0]
+            if len(reached):
+                item["steps_to_adam"] = int(reached[0]) + 1
+    return summary
+
+
+def verdict(summary):
+    """SOAA against the better of Adam and AdamW on the final training loss.
+
+    A tie when the gap is within the sum of the two standard deviations over
+    seeds, or within 2% of the baseline's loss.
+    """
+    baselines = [o for o in ("adam", "adamw") if o in summary]
+    if "soaa" not in summary or not baselines:
+        return None
+    best = min(baselines, key=lambda o: summary[o]["final"]["mean"])
+    soaa, other = summary["soaa"]["final"], summary[best]["final"]
+    if not math.isfinite(soaa["mean"]) or not math.isfinite(other["mean"]):
+        word = ("ties" if soaa["mean"] == other["mean"]
+                else "wins" if soaa["mean"] < other["mean"] else "loses")
+    else:
+        gap = soaa["mean"] - other["mean"]
+        margin = max(soaa["std"] + other["std"], 0.02 * abs(other["mean"]))
+        word = "ties" if abs(gap) <= margin else "wins" if gap < 0 else "loses"
+    return word, best
+
+
+# -- plots ----------------------------------------------------------------------
+
+
+def _smoothed(records, key, window):
+    return np.array([trailing_mean(r[key], window) for r in records])
+
+
+def _plain_log_ticks(axis):
+    """Writes log-axis ticks as 0.01, 2, 300 rather than 10^-2, 2x10^0."""
+    axis.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    low, high = axis.get_ylim()
+
+    def minor(value, _):
+        # Within less than a decade, also label the 2s, 3s and 5s.
+        mantissa = value / 10 ** math.floor(math.log10(value))
+        labelled = high / low < 10 and round(mantissa) in (2, 3, 5)
+        return f"{value:g}" if labelled else ""
+
+    axis.yaxis.set_minor_formatter(ticker.FuncFormatter(minor))
+
+
+def plot_problem(name, entry, summary, path):
+    info = entry["problem"]
+    steps = info["steps"]
+    window = 1 if info["exact_gradients"] else max(1, steps // 50)
+    figure, axes = plt.subplots(2, 2, figsize=(11, 7.6))
+    (by_step, by_time), (by_lr, radius) = axes
+    for optimizer, item in summary.items():
+        color, label = COLORS[optimizer], NAMES[optimizer]
+        label = f"{label} (lr {item['lr']:g})"
+        if item["final"]["diverged"]:
+            continue
+        curves = _smoothed(item["runs"], "loss", window)
+        mean = curves.mean(0)
+        step_axis = np.arange(1, steps + 1)
+        time_axis = np.mean([r["time"] for r in item["runs"]], axis=0)
+        for axis, x in ((by_step, step_axis), (by_time, time_axis)):
+            axis.plot(x, mean, color=color, label=label, lw=1.4)
+            axis.fill_between(x, curves.min(0), curves.max(0), color=color,
+                              alpha=0.2, lw=0)
+    smoothing = "" if window == 1 else f", {window}-step moving average"
+    by_step.set(xlabel="step", ylabel="training loss", yscale="log",
+                title=f"loss vs step (mean, min-max over seeds{smoothing})")
+    by_time.set(xlabel="wall-clock seconds (compiled, incl. callbacks)",
+                ylabel="training loss", yscale="log",
+                title="training loss vs wall-clock")
+    by_step.legend(fontsize=8)
+
+    for optimizer, item in summary.items():
+        lrs = [s["lr"] for s in item["sweep"].values()]
+        means = [s["mean"] for s in item["sweep"].values()]
+        lows = [min(r["final_loss"] or math.inf for r in rs)
+                for rs in entry["runs"][optimizer].values()]
+        highs = [max(r["final_loss"] or math.inf for r in rs)
+                 for rs in entry["runs"][optimizer].values()]
+        finite = [i for i, m in enumerate(means) if math.isfinite(m)]
+        x = [lrs[i] for i in finite]
+        y = [means[i] for i in finite]
+        error = [[y[j] - lows[i] for j, i in enumerate(finite)],
+                 [highs[i] - y[j] for j, i in enumerate(finite)]]
+        by_lr.errorbar(x, y, yerr=error, color=COLORS[optimizer], marker="o",
+                       ms=4, capsize=3, label=NAMES[optimizer])
+        if not item["final"]["diverged"]:
+            by_lr.plot([item["lr"]], [item["final"]["mean"]], marker="*",
+                       ms=14, color=COLORS[optimizer], ls="none")
+    by_lr.set(xscale="log", yscale="log", xlabel="learning rate",
+              ylabel="final training loss",
+              title="learning-rate sweep (mean, min-max; ★ tuned)")
+    by_lr.legend(fontsize=8)
+
+    soaa = summary.get("soaa")
+    if soaa and not soaa["final"]["diverged"]:
+        lower, upper = radius_bounds(steps, steps)
+        x = np.arange(1, steps + 1)
+        for i, record in enumerate(soaa["runs"]):
+            radius.plot(x, record["radius"], color=COLORS["soaa"], lw=0.8,
+                        alpha=0.8, label="radius (one line per seed)"
+                        if i == 0 else None)
+        radius.plot(x, lower, "k--", lw=1, label="bounds (1−γ)^e, 1+γ^e")
+        radius.plot(x, upper, "k--", lw=1)
+        on_lower, on_upper = soaa["bounds"]
+        radius.set_title(
+            f"SOAA radius, lr {soaa['lr']:g}: on lower bound {on_lower:.0%}, "
+            f"upper {on_upper:.0%} of steps", fontsize=10)
+        radius.legend(fontsize=8, loc="upper right")
+    else:
+        radius.text(0.5, 0.5, "SOAA not run (or diverged)", ha="center",
+                    transform=radius.transAxes)
+    radius.set(xlabel="step", ylabel="radius d")
+    for axis in (by_step, by_time, by_lr):
+        _plain_log_ticks(axis)
+    by_lr.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    figure.suptitle(name, fontsize=13)
+    figure.tight_layout()
+    save_small_png(figure, path)
+    plt.close(figure)
+
+
+def save_small_png(figure, path):
+    """Saves `figure` as a 256-colour PNG (about a third of the RGBA size)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, dpi=72, format="png")
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        image.convert("RGB").quantize(256).save(path, optimize=True)
+
+
+# -- markdown -----------------------------------------------------------------
+
+
+def _number(value):
+    return f"{value:.4g}"
+
+
+def _mean_std_text(pair):
+    mean, std = pair
+    return f"{_number(mean)} ± {std:.2g}"
+
+
+def _final_text(final):
+    return "diverged" if final["diverged"] else _mean_std_text(
+        (final["mean"], final["std"]))
+
+
+def table(results, summaries):
+    lines = [
+        "| problem | optimizer | tuned lr | final train loss | steps to Adam's "
+        "final loss | held-out metric | ms/step | radius: mean (on lower / upper "
+        "bound) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, summary in summaries.items():
+        info = results[name]["problem"]
+        for optimizer, item in summary.items():
+            steps = item["steps_to_adam"]
+            held_out = "—"
+            if item["held_out"] is not None:
+                metric = info["held_out_name"].replace("held-out ", "")
+                held_out = f"{_mean_std_text(item['held_out'])} {metric}"
+            bounds = "—"
+            if item["bounds"] is not None:
+                bounds = (f"{item['mean_radius']:.2f} ({item['bounds'][0]:.0%} / "
+                          f"{item['bounds'][1]:.0%})")
+            lines.append(
+                f"| {name} | {NAMES[optimizer]} | {item['lr']:g}"
+                f"{' (grid edge)' if item['at_edge'] else ''} | "
+                f"{_final_text(item['final'])} | "
+                f"{'not reached' if steps is None else steps} / {info['steps']} | "
+                f"{held_out} | {item['ms_per_step']:.2f} | {bounds} |"
+            )
+    return lines
+
+
+def sweep_table(summary):
+    optimizers = list(summary)
+    lrs = sorted({s["lr"] for item in summary.values()
+                  for s in item["sweep"].values()})
+    lines = ["| lr | " + " | ".join(NAMES[o] for o in optimizers) + " |",
+             "|---|" + "---|" * len(optimizers)]
+    for lr in lrs:
+        cells = []
+        for optimizer in optimizers:
+            item = summary[optimizer]
+            found = [s for s in item["sweep"].values() if s["lr"] == lr]
+            if not found:
+                cells.append("")
+                continue
+            text = _final_text(found[0])
+            cells.append(f"**{text}**" if lr == item["lr"] else text)
+        lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write(results, config, out_dir):
+    """Writes `report.md` and one PNG per problem; returns the file names."""
+    summaries = {name: summarize(entry) for name, entry in results.items()}
+    written = []
+    for name, entry in results.items():
+        plot_problem(name, entry, summaries[name],
+                     os.path.join(out_dir, f"{name}.png"))
+        written.append(f"{name}.png")
+
+    versions = ", ".join(f"{k} {v}" for k, v in config["versions"].items())
+    seeds = config["seeds"]
+    lines = [
+        "# SOAA vs Adam / AdamW",
+        "",
+        f"`{config['command'].strip()}`: backend **{config['backend']}** "
+        f"({versions}), {config['machine']}, {len(seeds)} seed(s) "
+        f"({', '.join(map(str, seeds))}), {config['minutes']:.1f} minutes"
+        f"{' (quick smoke run: numbers mean nothing)' if config['quick'] else ''}.",
+        "",
+        "Every optimizer gets the same learning-rate grid, seeds (a seed fixes "
+        "the initial weights and the batch order) and steps, through "
+        "`model.fit`; SOAA with `TrustRegionCallback` (which sets "
+        "`total_steps`) and its default `radius_bound` γ = 0.1. Keras' Adam, "
+        "AdamW and Lion run with their default arguments (AdamW: weight decay "
+        "0.004).",
+        "",
+        "- **final train loss**: the mean training loss of the last 10% of "
+        "steps, mean ± sample std over seeds. The **tuned lr** is the grid point with "
+        "the lowest mean final train loss, for every optimizer alike; "
+        "*(grid edge)* marks a rate at the end of the grid.",
+        "- **steps to Adam's final loss**: the first step at which the "
+        "seed-averaged loss, averaged over the same trailing window, reaches "
+        "tuned Adam's final train loss.",
+        "- **held-out metric**: of the tuned runs, mean ± sample std over seeds.",
+        "- **ms/step**: median over all of the optimizer's runs of `fit`'s wall "
+        "time per step after compilation, callbacks included (SOAA's "
+        "`TrustRegionCallback` runs an eager update after every batch).",
+        "- **radius**: SOAA's trust-region radius d (it multiplies the step) "
+        "in the tuned runs: its mean over steps and seeds, and the share of "
+        "steps after which it equals its lower bound (1 − γ)^e or its upper "
+        "bound 1 + γ^e, e = min(t − 1, T)/T.",
+        "",
+        *table(results, summaries),
+        "",
+    ]
+    verdicts = []
+    for name, summary in summaries.items():
+        found = verdict(summary)
+        if found:
+            word, best = found
+            verdicts.append(
+                f"- **{name}**: SOAA {word} against {NAMES[best]} "
+                f"({_final_text(summary['soaa']['final'])} vs "
+                f"{_final_text(summary[best]['final'])})."
+            )
+    if verdicts:
+        lines += [
+            "SOAA against the better of Adam and AdamW on final train loss (a "
+            "tie: the gap is within the sum of the two stds, or within 2%):",
+            "",
+            *verdicts,
+            "",
+        ]
+    for name, summary in summaries.items():
+        info = results[name]["problem"]
+        lines += [
+            f"## {name}",
+            "",
+            f"{info['description']}; {info['steps']} steps.",
+            "",
+            f"![{name}]({name}.png)",
+            "",
+            "Final train loss per learning rate (tuned in bold):",
+            "",
+            *sweep_table(summary),
+            "",
+        ]
+    with open(os.path.join(out_dir, "report.md"), "w") as file:
+        file.write("\n".join(lines))
+    written.append("report.md")
+    return written
+
+
+if __name__ == "__main__":
+    folder = sys.argv[1] if len(sys.argv) > 1 else os.path.join("runs", "benchmark")
+    with open(os.path.join(folder, "results.json")) as file:
+        saved = json.load(file)
+    print(write(saved["results"], saved["config"], folder))
