@@ -94,6 +94,10 @@ def summarize(entry):
             )
             item["bounds"] = tuple(fractions.mean(0))
             item["mean_radius"] = float(np.mean([r["radius"] for r in tuned]))
+            shares = [share for r in tuned for share in r.get("fisher_share") or []
+                      if share is not None]
+            if shares:
+                item["fisher_share"] = float(np.mean(shares))
         if not sweep[tuned_key]["diverged"]:
             item["curve"] = np.mean([r["loss"] for r in tuned], axis=0)
         summary[optimizer] = item
@@ -139,7 +143,8 @@ def _smoothed(records, key, window):
 
 def _plain_log_ticks(axis):
     """Writes log-axis ticks as 0.01, 2, 300 rather than 10^-2, 2x10^0."""
-    axis.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    target = axis.yaxis
+    target.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     low, high = axis.get_ylim()
 
     def minor(value, _):
@@ -148,7 +153,7 @@ def _plain_log_ticks(axis):
         labelled = high / low < 10 and round(mantissa) in (2, 3, 5)
         return f"{value:g}" if labelled else ""
 
-    axis.yaxis.set_minor_formatter(ticker.FuncFormatter(minor))
+    target.set_minor_formatter(ticker.FuncFormatter(minor))
 
 
 def plot_problem(name, entry, summary, path):
@@ -220,8 +225,15 @@ def plot_problem(name, entry, summary, path):
                     transform=radius.transAxes)
     radius.set(xlabel="step", ylabel="radius d")
     for axis in (by_step, by_time, by_lr):
-        _plain_log_ticks(axis)
-    by_lr.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        low, high = axis.get_ylim()
+        if axis is not by_lr and high / low < 3:
+            axis.set_yscale("linear")  # a narrow range reads better linear
+        else:
+            _plain_log_ticks(axis)
+    grid = sorted({s["lr"] for item in summary.values()
+                   for s in item["sweep"].values()})
+    by_lr.set_xticks(grid, [f"{lr:g}" for lr in grid], fontsize=8)
+    by_lr.xaxis.set_minor_locator(ticker.NullLocator())
     figure.suptitle(name, fontsize=13)
     figure.tight_layout()
     save_small_png(figure, path)
@@ -260,8 +272,8 @@ def table(results, summaries):
     lines = [
         "| problem | optimizer | tuned lr | final train loss | steps to Adam's "
         "final loss | held-out metric | ms/step | radius: mean (on lower / upper "
-        "bound) |",
-        "|---|---|---|---|---|---|---|---|",
+        "bound) | weights in the Fisher regime |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, summary in summaries.items():
         info = results[name]["problem"]
@@ -271,7 +283,9 @@ def table(results, summaries):
             if item["held_out"] is not None:
                 metric = info["held_out_name"].replace("held-out ", "")
                 held_out = f"{_mean_std_text(item['held_out'])} {metric}"
-            bounds = "—"
+            bounds = fisher = "—"
+            if item.get("fisher_share") is not None:
+                fisher = f"{item['fisher_share']:.1%}"
             if item["bounds"] is not None:
                 bounds = (f"{item['mean_radius']:.2f} ({item['bounds'][0]:.0%} / "
                           f"{item['bounds'][1]:.0%})")
@@ -280,7 +294,7 @@ def table(results, summaries):
                 f"{' (grid edge)' if item['at_edge'] else ''} | "
                 f"{_final_text(item['final'])} | "
                 f"{'not reached' if steps is None else steps} / {info['steps']} | "
-                f"{held_out} | {item['ms_per_step']:.2f} | {bounds} |"
+                f"{held_out} | {item['ms_per_step']:.2f} | {bounds} | {fisher} |"
             )
     return lines
 
@@ -346,6 +360,11 @@ def write(results, config, out_dir):
         "in the tuned runs: its mean over steps and seeds, and the share of "
         "steps after which it equals its lower bound (1 − γ)^e or its upper "
         "bound 1 + γ^e, e = min(t − 1, T)/T.",
+        "- **weights in the Fisher regime**: SOAA steps by d·m̂ / max(d·c·v̂, "
+        "√v̂). Where √v̂ is the larger (small gradients) the step is Adam's "
+        "times d; where d·c·v̂ is (√v̂ > 1/(d·c)) it is m̂ / (c·v̂) and d cancels. "
+        "The share of weights in the second case, sampled every 10 steps of "
+        "the tuned runs, averaged.",
         "",
         *table(results, summaries),
         "",

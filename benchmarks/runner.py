@@ -29,10 +29,19 @@ class Recorder(keras.callbacks.Callback):
     from the change of `fit`'s loss tracker, as `TrustRegionCallback` does.
     The radius comes from `logs["radius"]`, which `TrustRegionCallback`
     (listed before this callback) adds.
+
+    With `probe_every=k`, every k-th batch it also measures which share of
+    SOAA's weights are in the Fisher regime (see `fisher_share`); the time
+    that takes is left out of the recorded times.
     """
 
+    def __init__(self, probe_every=0):
+        super().__init__()
+        self.probe_every = probe_every
+
     def on_train_begin(self, logs=None):
-        self.losses, self.times, self.radii = [], [], []
+        self.losses, self.times, self.radii, self.fisher = [], [], [], []
+        self.probe_seconds = 0.0
         self._start = time.perf_counter()
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -47,9 +56,37 @@ class Recorder(keras.callbacks.Callback):
         count = float(ops.convert_to_numpy(tracker.count))
         self.losses.append((total - self._seen_total) / (count - self._seen_count))
         self._seen_total, self._seen_count = total, count
-        self.times.append(time.perf_counter() - self._start)
+        self.times.append(time.perf_counter() - self._start - self.probe_seconds)
         if logs and "radius" in logs:
             self.radii.append(float(logs["radius"]))
+        if self.probe_every and (len(self.losses) - 1) % self.probe_every == 0:
+            start = time.perf_counter()
+            self.fisher.append(fisher_share(self.model.optimizer))
+            self.probe_seconds += time.perf_counter() - start
+
+
+def fisher_share(optimizer):
+    """The share of weights whose next SOAA step is in the Fisher regime.
+
+    SOAA divides d·m̂ by r = max(d·F, √v̂) with F = c·v̂. Where √v̂ wins, the
+    step is Adam's times the radius d; where d·c·v̂ wins (√v̂ > 1/(d·c), large
+    gradients), it is m̂/(c·v̂) and d cancels. Computed from the optimizer's
+    current m, v, radius and iterations, per the spec's formulas.
+    """
+    moments = getattr(optimizer, "_momentums", None)
+    velocities = getattr(optimizer, "_velocities", None)
+    if moments is None or velocities is None:
+        return None
+    t = float(ops.convert_to_numpy(optimizer.iterations))
+    d = float(ops.convert_to_numpy(optimizer.radius))
+    fisher = total = 0
+    for m, v in zip(moments, velocities):
+        m_hat = ops.convert_to_numpy(m).astype("float64") / (1 - optimizer.beta_1**t)
+        v_hat = ops.convert_to_numpy(v).astype("float64") / (1 - optimizer.beta_2**t)
+        c = 1 + np.sum(m_hat**2) / np.sum(v_hat + optimizer.epsilon)
+        fisher += int(np.sum(d * c * v_hat > np.sqrt(v_hat)))
+        total += v_hat.size
+    return fisher / total
 
 
 def steps_per_epoch(problem):
@@ -59,7 +96,7 @@ def steps_per_epoch(problem):
 
 
 def _fit(model, problem, optimizer_name, x, y, steps, chunk):
-    callbacks = [Recorder()]
+    callbacks = [Recorder(probe_every=10 if optimizer_name == "soaa" else 0)]
     if optimizer_name == "soaa":
         callbacks.insert(0, keras_soaa.TrustRegionCallback())
     model.fit(
@@ -105,7 +142,7 @@ def run(model, problem, optimizer_name, learning_rate, seed):
     x, y = problem.stream(seed, problem.steps)
     start = time.perf_counter()
     recorder = _fit(model, problem, optimizer_name, x, y, problem.steps, chunk)
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start - recorder.probe_seconds
     if optimizer_name == "soaa" and model.optimizer.total_steps != problem.steps:
         raise RuntimeError(
             f"SOAA ran with total_steps={model.optimizer.total_steps}, "
@@ -120,6 +157,7 @@ def run(model, problem, optimizer_name, learning_rate, seed):
         "loss": recorder.losses,
         "time": recorder.times,
         "radius": recorder.radii or None,
+        "fisher_share": recorder.fisher or None,
         "final_loss": final if np.isfinite(final) else None,
         "held_out": held_out,
         "ms_per_step": 1000 * seconds / problem.steps,

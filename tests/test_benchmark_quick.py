@@ -56,8 +56,9 @@ def test_report_has_a_row_per_problem_and_optimizer(quick_run):
         assert row[4].endswith(f"/ {steps}")
         if row[1] == "SOAA":
             assert row[7].count("%") == 2
+            assert 0 <= float(row[8].rstrip("%")) <= 100
         else:
-            assert row[7] == "—"
+            assert row[7] == row[8] == "—"
     text = (out / "report.md").read_text()
     for name in problems.PROBLEM_NAMES:
         assert f"## {name}" in text and f"![{name}]({name}.png)" in text
@@ -90,7 +91,11 @@ def test_every_run_is_recorded_and_soaa_radius_stays_in_its_bounds(quick_run):
                 assert np.all(np.diff(record["time"]) >= 0)
                 if optimizer != "soaa":
                     assert record["radius"] is None
+                    assert record["fisher_share"] is None
                     continue
+                # Probed at steps 1 and 11, ... (every 10 steps).
+                assert len(record["fisher_share"]) == -(-steps // 10)
+                assert all(0 <= share <= 1 for share in record["fisher_share"])
                 radius = np.array(record["radius"])
                 lower, upper = report.radius_bounds(steps, steps)
                 assert len(radius) == steps
