@@ -188,3 +188,20 @@ def test_feeds_mean_of_accumulated_batches(accumulation_steps):
     )
     np.testing.assert_allclose(fed, expected, rtol=2e-6)
     assert optimizer.total_steps == EPOCHS * len(BATCH_SLICES) // accumulation_steps
+
+
+def test_exact_late_losses_in_a_long_epoch():
+    """A loss falling by 1e8 within one epoch of 300 batches: the late, tiny
+    batch losses are read exactly (an epoch-long float32 running total would
+    have lost them entirely)."""
+    # x = 0: the prediction is the bias, exactly, so only the loss is rounded.
+    x = np.zeros((300, 3), "float32")
+    optimizer = SOAA(learning_rate=1e-30)  # keeps the weights: losses known
+    model = make_model(optimizer)
+    offsets = np.logspace(2, -2, 300)[:, None]  # error per sample: 100 .. 0.01
+    y = (to_numpy(model.weights[1]) + offsets).astype("float32")
+    expected = [numpy_mse(model, x[i:i + 1], y[i:i + 1]) for i in range(300)]
+    fed = record_fed_losses(optimizer)
+    model.fit(x, y, batch_size=1, epochs=1, shuffle=False, verbose=0,
+              callbacks=[TrustRegionCallback()])
+    np.testing.assert_allclose(fed, expected, rtol=1e-6)
