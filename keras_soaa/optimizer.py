@@ -2,8 +2,10 @@
 
 import math
 import numbers
+import warnings
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_soaa import trust_region
@@ -12,6 +14,9 @@ from keras_soaa import trust_region
 # so that a file saved by a newer keras-soaa is refused, not mis-loaded: Keras
 # restores optimizer variables by position.
 STATE_LAYOUT_VERSION = 1
+
+# Variables of these dtypes get float32 moments and a float32 update.
+_LOW_PRECISION_FLOATS = ("float16", "bfloat16")
 
 # The five scalars of the trust-region controller, in the order they are
 # created (and saved): this order is part of the saved state layout.
@@ -24,17 +29,41 @@ SCALAR_STATE_NAMES = (
 )
 
 
+def _is_real_number(value):
+    """True for Python and NumPy reals (`np.float32(0.9)`, `np.int64(3)`)."""
+    return isinstance(value, numbers.Real) and not isinstance(
+        value, (bool, np.bool_)
+    )
+
+
+def _as_float(value):
+    """`float(value)`, or `nan` where it does not fit (e.g. `10**400`)."""
+    try:
+        return float(value)
+    except (OverflowError, TypeError, ValueError):
+        return math.nan
+
+
 def _check_real(name, value, low, high, *, low_open, high_open, rule):
     """Raises `ValueError` naming `name` unless `value` is a real in range."""
-    is_real = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if is_real and math.isfinite(value):
-        above_low = value > low if low_open else value >= low
-        below_high = value < high if high_open else value <= high
-        if above_low and below_high:
-            return
+    if _is_real_number(value):
+        number = _as_float(value)
+        if math.isfinite(number):
+            above_low = number > low if low_open else number >= low
+            below_high = number < high if high_open else number <= high
+            if above_low and below_high:
+                return
     raise ValueError(
-        f"Argument `{name}` must be a float {rule}. Received: {name}={value!r}"
+        f"Argument `{name}` must be a real number {rule}. Received: "
+        f"{name}={value!r} (of type {type(value).__name__})"
     )
+
+
+def _python_number(value):
+    """NumPy scalars as Python numbers, so that `get_config` stays JSON."""
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 def _validate_hyperparameters(
@@ -45,18 +74,20 @@ def _validate_hyperparameters(
     radius_bound,
     total_steps,
     initial_radius,
+    weight_decay,
 ):
     inf = math.inf
-    if isinstance(learning_rate, numbers.Real):
+    if _is_real_number(learning_rate) or isinstance(learning_rate, bool):
         _check_real(
             "learning_rate", learning_rate, 0.0, inf,
-            low_open=True, high_open=True, rule="> 0",
+            low_open=True, high_open=True, rule="> 0 (finite)",
         )
     elif not callable(learning_rate):
         raise ValueError(
-            "Argument `learning_rate` must be a float > 0, a "
+            "Argument `learning_rate` must be a real number > 0 (finite), a "
             "`keras.optimizers.schedules.LearningRateSchedule` or a callable. "
-            f"Received: learning_rate={learning_rate!r}"
+            f"Received: learning_rate={learning_rate!r} "
+            f"(of type {type(learning_rate).__name__})"
         )
     for name, value in (("beta_1", beta_1), ("beta_2", beta_2)):
         _check_real(
@@ -64,7 +95,8 @@ def _validate_hyperparameters(
             low_open=False, high_open=True, rule="in [0, 1)",
         )
     _check_real(
-        "epsilon", epsilon, 0.0, inf, low_open=True, high_open=True, rule="> 0"
+        "epsilon", epsilon, 0.0, inf,
+        low_open=True, high_open=True, rule="> 0 (finite)",
     )
     _check_real(
         "radius_bound", radius_bound, 0.0, 1.0,
@@ -72,17 +104,55 @@ def _validate_hyperparameters(
     )
     _check_real(
         "initial_radius", initial_radius, 0.0, inf,
-        low_open=True, high_open=True, rule="> 0",
+        low_open=True, high_open=True, rule="> 0 (finite)",
     )
     if total_steps is not None and (
         not isinstance(total_steps, numbers.Integral)
-        or isinstance(total_steps, bool)
+        or isinstance(total_steps, (bool, np.bool_))
         or total_steps < 1
     ):
         raise ValueError(
             "Argument `total_steps` must be `None` or an integer >= 1. "
-            f"Received: total_steps={total_steps!r}"
+            f"Received: total_steps={total_steps!r} "
+            f"(of type {type(total_steps).__name__})"
         )
+    if weight_decay is not None:
+        _check_real(
+            "weight_decay", weight_decay, 0.0, inf,
+            low_open=False, high_open=True, rule=">= 0 (finite) or `None`",
+        )
+
+
+def _loss_as_float32_scalar(loss):
+    """`loss` as a float32 scalar tensor, or a `ValueError` saying why not."""
+    def refuse(why):
+        return ValueError(
+            "`observe_loss` takes one real scalar loss (a Python or NumPy "
+            f"number, or a scalar tensor of a float or integer dtype); {why}. "
+            f"Received: loss={loss!r:.200}"
+        )
+
+    if loss is None or isinstance(loss, (str, bytes, bool, np.bool_)):
+        raise refuse(f"got {type(loss).__name__}")
+    if isinstance(loss, numbers.Real):
+        # Python and NumPy numbers: beyond float32's range they become +-inf
+        # on every backend (TensorFlow refuses to convert 1e300 otherwise).
+        try:
+            value = float(loss)
+        except OverflowError:  # an int beyond float64
+            value = math.copysign(math.inf, loss)
+        with np.errstate(over="ignore"):
+            loss = np.float32(value)
+    try:
+        tensor = ops.convert_to_tensor(loss)
+    except Exception as error:  # Backends raise different types here.
+        raise refuse(f"{type(loss).__name__} is not convertible") from error
+    dtype = keras.backend.standardize_dtype(tensor.dtype)
+    if not ("float" in dtype or "int" in dtype):
+        raise refuse(f"got dtype {dtype}")
+    if len(ops.shape(tensor)) != 0:
+        raise refuse(f"got a tensor of shape {tuple(ops.shape(tensor))}")
+    return ops.cast(tensor, "float32")
 
 
 @keras.saving.register_keras_serializable(package="keras_soaa")
@@ -126,8 +196,22 @@ class SOAA(keras.optimizers.Optimizer):
 
     A variable whose gradient holds a NaN or an infinity is left exactly as
     it was for that step (weights, moments, no weight decay, nothing added to
-    the predicted reduction); a non-finite loss is not averaged in and sets
-    the radius to its lower bound.
+    the predicted reduction); so is one whose step cannot be computed
+    finitely in its dtype (`g**2` beyond float32's range, i.e. |g| > ~1.8e19
+    for a float32 variable; a new weight that overflows its dtype; a
+    non-finite learning rate). A non-finite loss (or one beyond float32's
+    range) is not averaged in and sets the radius to its lower bound. Nothing
+    non-finite reaches the weights or the optimizer state. Variables of
+    dtype float16 or bfloat16 keep `m` and `v` in float32 and are updated in
+    float32, rounding only the new weight to their dtype.
+
+    Warning rule: the radius only adapts if losses are observed. SOAA warns
+    once per optimizer (a `UserWarning` at its first `apply`, which is trace
+    time when compiled) if it applies a step while no
+    `TrustRegionCallback` has attached to it, `observe_loss` was never
+    called and `total_steps` is `None`: typically `fit` without the
+    callback. A custom loop that sets `total_steps` (it must, to call
+    `observe_loss`) is not warned.
 
     Args:
         learning_rate: A float > 0, a
@@ -184,10 +268,35 @@ class SOAA(keras.optimizers.Optimizer):
             radius_bound,
             total_steps,
             initial_radius,
+            weight_decay,
         )
-        if isinstance(learning_rate, numbers.Real):
-            # The base class takes Python floats only; an int is just as clear.
+        if _is_real_number(learning_rate):
+            # The base class takes Python floats only; an int or a NumPy
+            # scalar is just as clear.
             learning_rate = float(learning_rate)
+        # NumPy scalars become Python numbers: `get_config` must stay JSON.
+        (
+            weight_decay,
+            clipnorm,
+            clipvalue,
+            global_clipnorm,
+            ema_momentum,
+            ema_overwrite_frequency,
+            loss_scale_factor,
+            gradient_accumulation_steps,
+        ) = (
+            _python_number(value)
+            for value in (
+                weight_decay,
+                clipnorm,
+                clipvalue,
+                global_clipnorm,
+                ema_momentum,
+                ema_overwrite_frequency,
+                loss_scale_factor,
+                gradient_accumulation_steps,
+            )
+        )
         super().__init__(
             learning_rate=learning_rate,
             name=name,
@@ -208,6 +317,12 @@ class SOAA(keras.optimizers.Optimizer):
         self.radius_bound = float(radius_bound)
         self.total_steps = None if total_steps is None else int(total_steps)
         self.initial_radius = float(initial_radius)
+        # Python-side bookkeeping for the one-time "no loss is ever observed"
+        # warning (see the class docstring); not part of the saved state.
+        self._loss_observer_attached = False
+        self._loss_observed = False
+        self._warned_no_loss_observed = False
+        self._moments_at_least_float32 = False
 
     def build(self, var_list):
         """Creates `m` and `v` per variable and the five controller scalars.
@@ -218,9 +333,16 @@ class SOAA(keras.optimizers.Optimizer):
         if self.built:
             return
         super().build(var_list)
-        self._momentums, self._velocities = self.add_optimizer_variables(
-            var_list, ["momentum", "velocity"]
-        )
+        # `m` and `v` of a float16 or bfloat16 variable are float32: `g**2`
+        # overflows float16 for |g| > 256, and nothing non-finite may reach
+        # the optimizer state (see `add_variable`).
+        self._moments_at_least_float32 = True
+        try:
+            self._momentums, self._velocities = self.add_optimizer_variables(
+                var_list, ["momentum", "velocity"]
+            )
+        finally:
+            self._moments_at_least_float32 = False
         initial_values = {"radius": self.initial_radius}
         for name in SCALAR_STATE_NAMES:
             variable = self.add_variable(
@@ -233,6 +355,67 @@ class SOAA(keras.optimizers.Optimizer):
                 name=name,
             )
             setattr(self, f"_{name}", variable)
+
+    def add_variable(
+        self,
+        shape,
+        initializer="zeros",
+        dtype=None,
+        aggregation="none",
+        layout=None,
+        name=None,
+    ):
+        """Adds an optimizer variable (see `keras.optimizers.Optimizer`).
+
+        While `build` creates the moments, 16-bit float dtypes are raised to
+        float32; everything else is as in the base class.
+        """
+        if self._moments_at_least_float32 and dtype is not None:
+            if keras.backend.standardize_dtype(dtype) in _LOW_PRECISION_FLOATS:
+                dtype = "float32"
+        return super().add_variable(
+            shape,
+            initializer=initializer,
+            dtype=dtype,
+            aggregation=aggregation,
+            layout=layout,
+            name=name,
+        )
+
+    def apply(self, grads, trainable_variables=None):
+        """Applies one step (see `keras.optimizers.Optimizer.apply`).
+
+        Warns once per optimizer if the trust region will never see a loss
+        (see the class docstring).
+        """
+        self._warn_once_if_no_loss_is_observed()
+        return super().apply(grads, trainable_variables)
+
+    def _attach_loss_observer(self):
+        """Called by `TrustRegionCallback` before training starts."""
+        self._loss_observer_attached = True
+
+    def _warn_once_if_no_loss_is_observed(self):
+        # Runs in Python: eagerly at every `apply`, compiled only at trace
+        # time, which is all a once-per-optimizer warning needs.
+        if (
+            self._warned_no_loss_observed
+            or self._loss_observer_attached
+            or self._loss_observed
+            or self.total_steps is not None
+        ):
+            return
+        self._warned_no_loss_observed = True
+        warnings.warn(
+            f"SOAA optimizer '{self.name}' is applying steps but no loss is "
+            "fed to its trust region, so its radius stays at "
+            f"initial_radius={self.initial_radius} and never adapts. With "
+            "`model.fit`, pass `callbacks=[keras_soaa.TrustRegionCallback()]`; "
+            "in a custom training loop, pass `SOAA(total_steps=...)` and call "
+            "`optimizer.observe_loss(loss)` after each `apply`.",
+            UserWarning,
+            stacklevel=3,
+        )
 
     @property
     def radius(self):
@@ -261,9 +444,15 @@ class SOAA(keras.optimizers.Optimizer):
 
     def _trust_region_state(self):
         # Copies: on torch a variable's tensor is updated in place, and the
-        # new state is assigned one variable at a time.
+        # new state is assigned one variable at a time. `x + 0`, not
+        # `ops.copy`: under `torch.compile` (torch 2.13), `b.assign(copy(a))`
+        # followed by `a.assign(0)` left `b == 0`, losing the predicted
+        # reduction that the next observation is judged against.
         return trust_region.TrustRegionState(
-            *(ops.copy(getattr(self, f"_{name}")) for name in SCALAR_STATE_NAMES)
+            *(
+                ops.add(getattr(self, f"_{name}"), 0.0)
+                for name in SCALAR_STATE_NAMES
+            )
         )
 
     def _apply_weight_decay(self, variables):
@@ -273,7 +462,17 @@ class SOAA(keras.optimizers.Optimizer):
 
     def update_step(self, gradient, variable, learning_rate):
         """Update step given gradient and the associated model variable."""
-        dtype = variable.dtype
+        if 0 in tuple(variable.shape):
+            # No element: nothing to update, nothing predicted (and Keras'
+            # TensorFlow `ops.add` fails on some empty shapes, e.g. (0, 2)).
+            return
+        index = self._get_variable_index(variable)
+        m_variable = self._momentums[index]
+        v_variable = self._velocities[index]
+        # The moments' dtype is the compute dtype: the variable's, or float32
+        # for a 16-bit variable, whose new value is rounded once at the end.
+        dtype = m_variable.dtype
+        variable_dtype = variable.dtype
         lr = ops.cast(learning_rate, dtype)
         gradient = ops.cast(gradient, dtype)
         local_step = ops.cast(self.iterations + 1, dtype)
@@ -285,12 +484,10 @@ class SOAA(keras.optimizers.Optimizer):
         )
         radius = ops.cast(self._radius, dtype)
 
-        index = self._get_variable_index(variable)
-        m_variable = self._momentums[index]
-        v_variable = self._velocities[index]
         m = ops.convert_to_tensor(m_variable)
         v = ops.convert_to_tensor(v_variable)
-        theta = ops.convert_to_tensor(variable)
+        old_theta = ops.convert_to_tensor(variable)
+        theta = ops.cast(old_theta, dtype)
 
         new_m = ops.add(m, ops.multiply(ops.subtract(gradient, m), 1 - self.beta_1))
         new_v = ops.add(
@@ -298,38 +495,70 @@ class SOAA(keras.optimizers.Optimizer):
         )
         m_hat = ops.divide(new_m, beta_1_correction)
         v_hat = ops.divide(new_v, beta_2_correction)
+        # Both sums are scaled by 1 / s, s = max(1, max(v_hat)) (exactly 1
+        # for gradients up to ~1): their ratio is the same, but summing a
+        # large variable's g**2 ~ 1e36 no longer overflows to inf / inf = NaN.
+        # Twice by k = 1 / sqrt(s), never by 1 / s: that can be subnormal,
+        # and XLA on CPU flushes subnormals to zero.
+        k = ops.divide(1.0, ops.sqrt(ops.max(v_hat, initial=1.0)))
         curvature_scale = 1 + ops.divide(
-            ops.sum(ops.square(m_hat)), ops.sum(ops.add(v_hat, self.epsilon))
+            ops.sum(ops.square(ops.multiply(m_hat, k))),
+            ops.sum(ops.multiply(ops.multiply(ops.add(v_hat, self.epsilon), k), k)),
         )
         fisher = ops.multiply(curvature_scale, v_hat)
-        denominator = ops.maximum(ops.multiply(radius, fisher), ops.sqrt(v_hat))
+        # r = max(d * F, sqrt(v_hat)), as a `where`: Keras 3.15's torch
+        # `maximum` computes float64 inputs in float32 (its `result_type` of
+        # two torch float64 dtypes is float32). A NaN in `d * F` propagates.
+        scaled_fisher = ops.multiply(radius, fisher)
+        sqrt_v_hat = ops.sqrt(v_hat)
+        denominator = ops.where(
+            ops.greater_equal(sqrt_v_hat, scaled_fisher), sqrt_v_hat, scaled_fisher
+        )
         direction = ops.divide(
             ops.multiply(radius, m_hat), ops.add(denominator, self.epsilon)
         )
-        predicted = ops.multiply(
-            lr,
-            ops.sum(
-                ops.subtract(
-                    ops.multiply(m_hat, direction),
-                    ops.multiply(0.5, ops.multiply(v_hat, ops.square(direction))),
-                )
+        # v_hat * u**2 as (sqrt(v_hat) * u)**2: u**2 alone underflows float32
+        # when v_hat is huge (|g| ~ 1e19 gives u ~ 1e-20).
+        predicted = ops.cast(
+            ops.multiply(
+                lr,
+                ops.sum(
+                    ops.subtract(
+                        ops.multiply(m_hat, direction),
+                        ops.multiply(
+                            0.5, ops.square(ops.multiply(sqrt_v_hat, direction))
+                        ),
+                    )
+                ),
             ),
+            "float32",
         )
 
         new_theta = theta
         if self.weight_decay is not None and self._use_weight_decay(variable):
             wd = ops.cast(self.weight_decay, dtype)
             new_theta = ops.subtract(theta, theta * wd * lr)
-        new_theta = ops.subtract(new_theta, ops.multiply(lr, direction))
+        new_theta = ops.cast(
+            ops.subtract(new_theta, ops.multiply(lr, direction)), variable_dtype
+        )
 
-        # A non-finite gradient leaves this variable and its state untouched.
-        is_finite = ops.all(ops.isfinite(gradient))
+        # A non-finite gradient leaves this variable and its state untouched,
+        # and so does any other step that cannot be computed finitely: `g**2`
+        # overflowing the moments' dtype (|g| > ~1.8e19 in float32), a new
+        # weight overflowing the variable's dtype, a predicted reduction
+        # overflowing float32. `new_v` is non-finite exactly when `g` holds a
+        # NaN or an inf or `g**2` overflows; `new_theta` catches the rest.
+        is_finite = ops.logical_and(
+            ops.logical_and(
+                ops.all(ops.isfinite(new_v)), ops.all(ops.isfinite(new_theta))
+            ),
+            ops.isfinite(predicted),
+        )
         self.assign(m_variable, ops.where(is_finite, new_m, m))
         self.assign(v_variable, ops.where(is_finite, new_v, v))
-        self.assign(variable, ops.where(is_finite, new_theta, theta))
+        self.assign(variable, ops.where(is_finite, new_theta, old_theta))
         self.assign_add(
-            self._predicted_reduction,
-            ops.cast(ops.where(is_finite, predicted, 0.0), "float32"),
+            self._predicted_reduction, ops.where(is_finite, predicted, 0.0)
         )
 
     def observe_loss(self, loss):
@@ -341,8 +570,19 @@ class SOAA(keras.optimizers.Optimizer):
         `TrustRegionCallback` calls it during `fit`; custom training loops
         call it after `optimizer.apply(...)`.
 
+        A NaN or infinite loss (or one beyond float32's range, or whose
+        average would overflow float32) is not averaged in: the radius drops
+        to its lower bound and the predicted reductions roll over as usual.
+
         Args:
-            loss: a Python float or a scalar tensor.
+            loss: a real number: a Python or NumPy scalar, or a scalar tensor
+                of a float or integer dtype.
+
+        Raises:
+            ValueError: if the optimizer is not built yet, if `total_steps`
+                is `None`, or if `loss` is not one real number (`None`, a
+                string, a bool, a list, a non-scalar tensor...). The state is
+                left untouched then.
         """
         if not self.built:
             raise ValueError(
@@ -358,12 +598,8 @@ class SOAA(keras.optimizers.Optimizer):
                 "callbacks=[keras_soaa.TrustRegionCallback()])`, which sets it "
                 "from the epochs and steps per epoch."
             )
-        loss = ops.cast(ops.convert_to_tensor(loss), "float32")
-        if len(ops.shape(loss)) != 0:
-            raise ValueError(
-                "`observe_loss` takes one scalar loss. Received a tensor of "
-                f"shape {ops.shape(loss)}."
-            )
+        loss = _loss_as_float32_scalar(loss)
+        self._loss_observed = True
         new_state = trust_region.observe(
             self._trust_region_state(),
             loss,

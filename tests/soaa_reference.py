@@ -40,12 +40,15 @@ class ReferenceSOAA:
         # Which branch of r = max(d F, sqrt(v_hat)) each element took.
         self.fisher_branch_count = 0
         self.sqrt_branch_count = 0
+        # The direction u of each variable at the last step (None: skipped).
+        self.last_directions = [None] * len(self.weights)
 
     def step(self, grads, learning_rate=None):
         """One optimizer step; `learning_rate` overrides the constant one."""
         lr = self.learning_rate if learning_rate is None else learning_rate
         t = self.iterations + 1
         b1, b2, eps, d = self.beta_1, self.beta_2, self.epsilon, self.radius
+        self.last_directions = [None] * len(self.weights)
         for i, g in enumerate(grads):
             g = np.asarray(g, dtype=np.float64)
             if not np.all(np.isfinite(g)):
@@ -66,6 +69,7 @@ class ReferenceSOAA:
             if self.weight_decay is not None:
                 theta = theta - lr * self.weight_decay * theta
             self.weights[i] = theta - lr * u
+            self.last_directions[i] = u
             self.m[i], self.v[i] = m, v
             self.predicted_reduction += lr * np.sum(
                 m_hat * u - 0.5 * v_hat * u**2
