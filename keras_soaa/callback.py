@@ -2,6 +2,7 @@
 
 import keras
 from keras import ops
+from keras.src.utils.tracking import DotNotTrackScope
 
 from keras_soaa.optimizer import SOAA
 
@@ -76,7 +77,9 @@ def _use_batch_loss_tracker(model) -> BatchLossMean:
             tracker = BatchLossMean(name=tracker.name)
     else:
         tracker = BatchLossMean(name=tracker.name)
-    model._loss_tracker = tracker
+    # As `compile` sets it: untracked, or `model.metrics` would list it twice.
+    with DotNotTrackScope():
+        model._loss_tracker = tracker
     # The train function may have been traced with the old tracker.
     model.make_train_function(force=True)
     return tracker

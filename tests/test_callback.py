@@ -205,3 +205,16 @@ def test_exact_late_losses_in_a_long_epoch():
     model.fit(x, y, batch_size=1, epochs=1, shuffle=False, verbose=0,
               callbacks=[TrustRegionCallback()])
     np.testing.assert_allclose(fed, expected, rtol=1e-6)
+
+
+def test_model_metrics_keep_one_loss_tracker():
+    x, y = make_data()
+    model = make_model(SOAA(learning_rate=0.05), metrics=["mae"])
+    before = model.evaluate(x, y, verbose=0)
+    for _ in range(2):  # a second fit reuses the callback's tracker
+        model.fit(x, y, batch_size=BATCH_SIZE, epochs=1, verbose=0,
+                  callbacks=[TrustRegionCallback()])
+    assert [m.name for m in model.metrics].count("loss") == 1
+    after = model.evaluate(x, y, verbose=0)
+    assert len(after) == len(before) == 2
+    assert after[0] < before[0]
