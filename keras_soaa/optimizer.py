@@ -275,40 +275,19 @@ class SOAA(keras.optimizers.Optimizer):
             # scalar is just as clear.
             learning_rate = float(learning_rate)
         # NumPy scalars become Python numbers: `get_config` must stay JSON.
-        (
-            weight_decay,
-            clipnorm,
-            clipvalue,
-            global_clipnorm,
-            ema_momentum,
-            ema_overwrite_frequency,
-            loss_scale_factor,
-            gradient_accumulation_steps,
-        ) = (
-            _python_number(value)
-            for value in (
-                weight_decay,
-                clipnorm,
-                clipvalue,
-                global_clipnorm,
-                ema_momentum,
-                ema_overwrite_frequency,
-                loss_scale_factor,
-                gradient_accumulation_steps,
-            )
-        )
+        number = _python_number
         super().__init__(
             learning_rate=learning_rate,
             name=name,
-            weight_decay=weight_decay,
-            clipnorm=clipnorm,
-            clipvalue=clipvalue,
-            global_clipnorm=global_clipnorm,
+            weight_decay=number(weight_decay),
+            clipnorm=number(clipnorm),
+            clipvalue=number(clipvalue),
+            global_clipnorm=number(global_clipnorm),
             use_ema=use_ema,
-            ema_momentum=ema_momentum,
-            ema_overwrite_frequency=ema_overwrite_frequency,
-            loss_scale_factor=loss_scale_factor,
-            gradient_accumulation_steps=gradient_accumulation_steps,
+            ema_momentum=number(ema_momentum),
+            ema_overwrite_frequency=number(ema_overwrite_frequency),
+            loss_scale_factor=number(loss_scale_factor),
+            gradient_accumulation_steps=number(gradient_accumulation_steps),
             **kwargs,
         )
         self.beta_1 = float(beta_1)
