@@ -46,6 +46,7 @@ class BatchLossMean(keras.metrics.Mean):
         self.unread_count = self.add_variable(
             shape=(), initializer="zeros", dtype=self.dtype, name="unread_count"
         )
+        self._read_and_clear = None
 
     def update_state(self, values, sample_weight=None):
         """Adds `values` (weighted) to the mean and to the unread sums."""
@@ -59,11 +60,29 @@ class BatchLossMean(keras.metrics.Mean):
 
     def read_unread(self):
         """Returns the unread `(total, count)` as floats and clears them."""
-        total = float(ops.convert_to_numpy(self.unread_total))
-        count = float(ops.convert_to_numpy(self.unread_count))
+        if keras.backend.backend() == "tensorflow":
+            # One graph call and one transfer instead of six eager ops.
+            if self._read_and_clear is None:
+                import tensorflow as tf
+
+                self._read_and_clear = tf.function(
+                    self._read_and_clear_unread, autograph=False
+                )
+            total, count = ops.convert_to_numpy(self._read_and_clear())
+        else:
+            total, count = self._read_and_clear_unread()
+        return float(total), float(count)
+
+    def _read_and_clear_unread(self):
+        unread = (ops.add(self.unread_total, 0.0),
+                  ops.add(self.unread_count, 0.0))
+        if keras.backend.backend() == "tensorflow":
+            unread = ops.stack(unread)
+        else:
+            unread = tuple(ops.convert_to_numpy(x) for x in unread)
         self.unread_total.assign(0.0)
         self.unread_count.assign(0.0)
-        return total, count
+        return unread
 
 
 def _use_batch_loss_tracker(model) -> BatchLossMean:
@@ -183,7 +202,8 @@ class TrustRegionCallback(keras.callbacks.Callback):
             )
             self._pending_total = self._pending_count = 0.0
             self._observed_iterations = iterations
-            self._observed_state = self._scalar_values()
+            if keras.backend.backend() == "jax":
+                self._observed_state = self._scalar_values()
         if logs is not None:
             logs["radius"] = self._radius()
 
@@ -207,8 +227,8 @@ class TrustRegionCallback(keras.callbacks.Callback):
     def _scalar_values(self):
         names = ("radius", "loss_average", "loss_count",
                  "predicted_reduction", "previous_predicted_reduction")
-        return {n: ops.convert_to_numpy(getattr(self._optimizer, n))
-                for n in names}
+        # JAX arrays are immutable: references, not copies to the host.
+        return {n: getattr(self._optimizer, n).value for n in names}
 
     def _radius(self) -> float:
         return float(ops.convert_to_numpy(self._optimizer.radius))

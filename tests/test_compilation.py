@@ -1,0 +1,72 @@
+"""Compiled training traces SOAA once, not once per step.
+
+Counted, not timed: a Python function body runs once per trace when it is
+compiled (`tf.function`, `jax.jit`), and at every call when it runs eagerly.
+"""
+
+import keras
+import numpy as np
+import pytest
+from conftest import BACKEND
+
+from keras_soaa import SOAA, TrustRegionCallback, trust_region
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the calls of `SOAA.update_step` and of the controller."""
+    counts = {"update_step": 0, "observe": 0}
+    update_step, observe = SOAA.update_step, trust_region.observe
+
+    def counted_update_step(self, *args, **kwargs):
+        counts["update_step"] += 1
+        return update_step(self, *args, **kwargs)
+
+    def counted_observe(*args, **kwargs):
+        counts["observe"] += 1
+        return observe(*args, **kwargs)
+
+    monkeypatch.setattr(SOAA, "update_step", counted_update_step)
+    monkeypatch.setattr(trust_region, "observe", counted_observe)
+    return counts
+
+
+def fit(model, epochs):
+    x = np.linspace(-1, 1, 48, dtype="float32").reshape(16, 3)
+    y = x.sum(axis=1, keepdims=True)
+    model.fit(x, y, batch_size=4, epochs=epochs, verbose=0,
+              callbacks=[TrustRegionCallback()])
+
+
+def test_fit_does_not_retrace_per_step(calls):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2),
+                              keras.layers.Dense(1)])
+    model.compile(optimizer=SOAA(total_steps=40), loss="mse")
+    fit(model, epochs=1)  # 4 steps: traces (compiled) or runs (torch)
+    after_first_fit = dict(calls)
+    fit(model, epochs=3)  # 12 more steps
+    if BACKEND == "torch":
+        # Eager: the fused path updates every variable, `update_step` never
+        # runs; the controller runs once per observed loss.
+        assert calls["update_step"] == 0
+        assert calls["observe"] == 4 + 12
+    else:
+        assert after_first_fit["update_step"] >= 4  # one per variable
+        assert after_first_fit["observe"] >= 1
+        assert calls == after_first_fit
+
+
+def test_observe_loss_compiles_once_per_configuration(calls):
+    variable = keras.Variable([1.0, 2.0])
+    optimizer = SOAA(total_steps=10)
+    for step in range(6):
+        optimizer.apply([keras.ops.convert_to_tensor([0.1, -0.2])], [variable])
+        optimizer.observe_loss(1.0 / (step + 1))
+    traced_or_run = 6 if BACKEND == "torch" else 1
+    assert calls["observe"] == traced_or_run
+    optimizer.total_steps = 20  # a new schedule: compiled again
+    optimizer.observe_loss(0.5)
+    assert calls["observe"] == traced_or_run + 1
+    assert float(keras.ops.convert_to_numpy(optimizer.loss_count)) == 7
+
