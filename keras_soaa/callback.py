@@ -227,8 +227,9 @@ class TrustRegionCallback(keras.callbacks.Callback):
     def _scalar_values(self):
         names = ("radius", "loss_average", "loss_count",
                  "predicted_reduction", "previous_predicted_reduction")
-        # JAX arrays are immutable: references, not copies to the host.
-        return {n: getattr(self._optimizer, n).value for n in names}
+        # Device copies, not host reads: the trainer donates (deletes) the
+        # state's own arrays at its next step.
+        return {n: ops.copy(getattr(self._optimizer, n).value) for n in names}
 
     def _radius(self) -> float:
         return float(ops.convert_to_numpy(self._optimizer.radius))

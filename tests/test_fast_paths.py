@@ -63,3 +63,41 @@ def test_backend_path_matches_portable_path(weight_decay, non_finite_at):
     np.testing.assert_allclose(
         scalars_of(fast), scalars_of(plain), rtol=1e-5, atol=1e-9
     )
+
+
+def test_backend_path_matches_portable_path_for_mixed_dtypes():
+    """float16 and bfloat16 variables (float32 moments), an empty variable
+    and a huge gradient whose plain sums overflow (the scaled branch)."""
+    def make():
+        return [
+            keras.Variable(np.linspace(-1, 1, 12).reshape(3, 4), dtype="float16"),
+            keras.Variable(np.linspace(-2, 2, 6), dtype="bfloat16"),
+            keras.Variable(np.zeros((0, 3)), dtype="float32"),
+            keras.Variable(np.linspace(-3, 3, 8), dtype="float32"),
+        ]
+
+    # beta_2 = 0.5: v = g**2 / 2 ~ 5e37 at the huge step, summed: inf.
+    kwargs = dict(total_steps=8, beta_2=0.5)
+    fast, plain = SOAA(**kwargs), portable(SOAA(**kwargs))
+    fast_vars, plain_vars = make(), make()
+    for step in range(6):
+        rng = np.random.default_rng(step)
+        grads = [rng.normal(size=v.shape).astype("float32") for v in fast_vars]
+        if step == 2:
+            grads[3][:] = 1e19  # g**2 = 1e38 fits, the sum of v overflows
+        for optimizer, variables in ((fast, fast_vars), (plain, plain_vars)):
+            optimizer.apply(
+                [ops.cast(g, v.dtype) for g, v in zip(grads, variables)],
+                variables,
+            )
+            optimizer.observe_loss(1.0 / (step + 1))
+    # The huge step was taken, not skipped: v holds it.
+    assert float(np.max(to_numpy(fast._velocities[3]))) > 1e30
+    for a, b in zip(fast_vars + fast.variables, plain_vars + plain.variables):
+        assert a.dtype == b.dtype
+        a, b = to_numpy(a), to_numpy(b)
+        scale = max(float(np.max(np.abs(b), initial=0.0)), 1e-30)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale)
+    np.testing.assert_allclose(
+        scalars_of(fast), scalars_of(plain), rtol=1e-5, atol=1e-9
+    )
