@@ -4,7 +4,7 @@ import keras
 from keras import ops
 from keras.src.utils.tracking import DotNotTrackScope
 
-from keras_soaa.optimizer import SOAA
+from keras_soaa.optimizer import SCALAR_STATE_NAMES, SOAA
 
 
 def find_soaa(optimizer) -> SOAA:
@@ -225,11 +225,10 @@ class TrustRegionCallback(keras.callbacks.Callback):
         return int(ops.convert_to_numpy(self._optimizer.iterations))
 
     def _scalar_values(self):
-        names = ("radius", "loss_average", "loss_count",
-                 "predicted_reduction", "previous_predicted_reduction")
         # Device copies, not host reads: the trainer donates (deletes) the
         # state's own arrays at its next step.
-        return {n: ops.copy(getattr(self._optimizer, n).value) for n in names}
+        return {name: ops.copy(getattr(self._optimizer, name).value)
+                for name in SCALAR_STATE_NAMES}
 
     def _radius(self) -> float:
         return float(ops.convert_to_numpy(self._optimizer.radius))

@@ -17,21 +17,11 @@ import torch
 from keras import ops
 
 from keras_soaa import trust_region
+from keras_soaa.optimizer import _curvature_sums
 
 
 def _norms(tensors, order):
     return torch.stack(torch._foreach_norm(tensors, order))
-
-
-def _scaled_sums(new_m, new_v):
-    """`_curvature_sums`' rare branch: sums scaled by `1 / max(1, max(v))`."""
-    sums_m, sums_v, scales = [], [], []
-    for m, v in zip(new_m, new_v):
-        k = 1.0 / torch.sqrt(torch.clamp(v.max(), min=1.0))
-        sums_m.append(torch.sum(torch.square(m * k)))
-        sums_v.append(torch.sum(v * k * k))
-        scales.append(k * k)
-    return torch.stack(sums_m), torch.stack(sums_v), torch.stack(scales)
 
 
 @torch.no_grad()
@@ -80,14 +70,12 @@ def _update_group(optimizer, dtype, grads, variables, learning_rate):
     sum_v = _norms(new_v, 1)
     scale = torch.ones_like(sum_v)
     if not bool(torch.isfinite(sum_m_sq).all() & torch.isfinite(sum_v).all()):
-        # Rare (huge gradients): the portable path's scaled sums; the host
-        # check costs one sync, only on CPU is it free, so it is kept to
-        # this branch's condition.
-        scaled = _scaled_sums(new_m, new_v)
-        plain_ok = torch.isfinite(sum_m_sq) & torch.isfinite(sum_v)
+        # Rare (huge gradients): the portable path's sums, which rescale
+        # where a plain sum overflows. The host check costs one sync, free
+        # on CPU, so it guards only this branch.
         sum_m_sq, sum_v, scale = (
-            torch.where(plain_ok, plain, other)
-            for plain, other in zip((sum_m_sq, sum_v, scale), scaled)
+            torch.stack(sums)
+            for sums in zip(*map(_curvature_sums, new_m, new_v))
         )
     sizes = torch.tensor([p.numel() for p in params], dtype=dtype)
     sum_v_hat_eps = sum_v / beta_2_correction + sizes * epsilon * scale
