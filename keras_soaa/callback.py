@@ -60,26 +60,22 @@ class BatchLossMean(keras.metrics.Mean):
 
     def read_unread(self):
         """Returns the unread `(total, count)` as floats and clears them."""
-        if keras.backend.backend() == "tensorflow":
-            # One graph call and one transfer instead of six eager ops.
-            if self._read_and_clear is None:
+        if self._read_and_clear is None:
+            self._read_and_clear = self._read_and_clear_unread
+            if keras.backend.backend() == "tensorflow":
                 import tensorflow as tf
 
+                # One graph call instead of six eager ops.
                 self._read_and_clear = tf.function(
                     self._read_and_clear_unread, autograph=False
                 )
-            total, count = ops.convert_to_numpy(self._read_and_clear())
-        else:
-            total, count = self._read_and_clear_unread()
+        total, count = ops.convert_to_numpy(self._read_and_clear())
         return float(total), float(count)
 
     def _read_and_clear_unread(self):
-        unread = (ops.add(self.unread_total, 0.0),
-                  ops.add(self.unread_count, 0.0))
-        if keras.backend.backend() == "tensorflow":
-            unread = ops.stack(unread)
-        else:
-            unread = tuple(ops.convert_to_numpy(x) for x in unread)
+        # Stacked: one device-to-host transfer for both.
+        unread = ops.stack([ops.add(self.unread_total, 0.0),
+                            ops.add(self.unread_count, 0.0)])
         self.unread_total.assign(0.0)
         self.unread_count.assign(0.0)
         return unread

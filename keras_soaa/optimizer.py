@@ -188,6 +188,25 @@ def _curvature_sums(new_m, new_v):
     )
 
 
+def curvature_scale_of_sums(
+    sum_m_sq, sum_v, scale, size, beta_1_correction, beta_2_correction, epsilon
+):
+    """Returns `(c, sum(v_hat + epsilon) * scale)` from `_curvature_sums`.
+
+    `c = 1 + sum(m_hat**2) / sum(v_hat + epsilon)`, with the bias
+    corrections applied to the sums of the new moments. Elementwise over
+    per-variable values, so the torch fused path calls it for all variables.
+    """
+    sum_v_hat_eps = ops.add(
+        ops.divide(sum_v, beta_2_correction),
+        ops.multiply(ops.multiply(size, epsilon), scale),
+    )
+    curvature_scale = 1 + ops.divide(
+        ops.divide(sum_m_sq, ops.square(beta_1_correction)), sum_v_hat_eps
+    )
+    return curvature_scale, sum_v_hat_eps
+
+
 @keras.saving.register_keras_serializable(package="keras_soaa")
 class SOAA(keras.optimizers.Optimizer):
     """SOAA: second-order adaptive Adam with an adaptive trust region.
@@ -521,14 +540,12 @@ class SOAA(keras.optimizers.Optimizer):
         # The sums are taken over new_m and new_v, the bias corrections
         # applied to the scalar sums: XLA then reads the new moments once
         # more instead of writing m_hat and v_hat out as well.
-        sum_m_sq, sum_v, scale = _curvature_sums(new_m, new_v)
-        size = ops.cast(ops.size(new_v), dtype)
-        sum_v_hat_eps = ops.add(
-            ops.divide(sum_v, beta_2_correction),
-            ops.multiply(ops.multiply(size, self.epsilon), scale),
-        )
-        curvature_scale = 1 + ops.divide(
-            ops.divide(sum_m_sq, ops.square(beta_1_correction)), sum_v_hat_eps
+        curvature_scale, sum_v_hat_eps = curvature_scale_of_sums(
+            *_curvature_sums(new_m, new_v),
+            ops.cast(ops.size(new_v), dtype),
+            beta_1_correction,
+            beta_2_correction,
+            self.epsilon,
         )
         fisher = ops.multiply(curvature_scale, v_hat)
         # r = max(d * F, sqrt(v_hat)), as a `where`: Keras 3.15's torch

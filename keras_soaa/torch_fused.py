@@ -17,7 +17,7 @@ import torch
 from keras import ops
 
 from keras_soaa import trust_region
-from keras_soaa.optimizer import _curvature_sums
+from keras_soaa.optimizer import _curvature_sums, curvature_scale_of_sums
 
 
 def _norms(tensors, order):
@@ -78,9 +78,9 @@ def _update_group(optimizer, dtype, grads, variables, learning_rate):
             for sums in zip(*map(_curvature_sums, new_m, new_v))
         )
     sizes = torch.tensor([p.numel() for p in params], dtype=dtype)
-    sum_v_hat_eps = sum_v / beta_2_correction + sizes * epsilon * scale
-    curvature_scale = 1 + sum_m_sq / torch.square(beta_1_correction) / (
-        sum_v_hat_eps
+    curvature_scale, sum_v_hat_eps = curvature_scale_of_sums(
+        sum_m_sq, sum_v, scale, sizes, beta_1_correction, beta_2_correction,
+        epsilon,
     )
 
     sqrt_v_hat = torch._foreach_sqrt(v_hat)
