@@ -7,10 +7,12 @@ the same for SOAA: the maths of `SOAA.update_step`, every variable of a dtype
 in one pass of foreach calls. Tests check that it gives the numbers of the
 portable path, skips included.
 
-The per-variable sums are norms: `sum(x**2) = norm(x)**2`, and `new_v`,
-`m_hat * u` (`u` has the sign of `m_hat`) are never negative, so their sums
-are L1 norms. A variable whose step is not finite keeps its weights and
-moments (one `torch.where` each).
+The per-variable sums are BLAS dot products (`sum(a * b)` without an array
+for the products), the bias corrections are folded into scalars, and most
+kernels write in place: on CPU a foreach call is a loop of per-tensor
+kernels, and every new array is freshly mapped memory. A variable whose step
+is not finite keeps its weights and moments (`torch.where`); when every
+step is finite, the new values are copied in.
 """
 
 import torch
@@ -18,10 +20,6 @@ from keras import ops
 
 from keras_soaa import trust_region
 from keras_soaa.optimizer import _curvature_sums, curvature_scale_of_sums
-
-
-def _norms(tensors, order):
-    return torch.stack(torch._foreach_norm(tensors, order))
 
 
 @torch.no_grad()
@@ -44,6 +42,11 @@ def update(optimizer, grads, variables, learning_rate):
         _update_group(optimizer, dtype, *zip(*members), learning_rate)
 
 
+def _dots(pairs):
+    # BLAS dot products: sum(a * b) without an array for the products.
+    return torch.stack([torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in pairs])
+
+
 def _update_group(optimizer, dtype, grads, variables, learning_rate):
     indices = [optimizer._get_variable_index(v) for v in variables]
     moments = [optimizer._momentums[i].value for i in indices]
@@ -59,15 +62,16 @@ def _update_group(optimizer, dtype, grads, variables, learning_rate):
     beta_2_correction = trust_region.bias_correction(optimizer.beta_2, step)
     radius = ops.convert_to_tensor(optimizer.radius).to(dtype)
 
+    # Few passes and few new arrays: on CPU every foreach call is a loop of
+    # per-tensor kernels, and every new array is freshly mapped memory. The
+    # bias corrections are folded into scalars instead of making m_hat and
+    # v_hat arrays.
     new_m = torch._foreach_lerp(moments, grads, 1 - optimizer.beta_1)
-    new_v = torch._foreach_lerp(
-        velocities, torch._foreach_mul(grads, grads), 1 - optimizer.beta_2
-    )
-    m_hat = torch._foreach_div(new_m, beta_1_correction)
-    v_hat = torch._foreach_div(new_v, beta_2_correction)
+    new_v = torch._foreach_mul(velocities, optimizer.beta_2)
+    torch._foreach_addcmul_(new_v, grads, grads, 1 - optimizer.beta_2)
 
-    sum_m_sq = torch.square(_norms(new_m, 2))
-    sum_v = _norms(new_v, 1)
+    sum_m_sq = _dots(zip(new_m, new_m))
+    sum_v = torch.stack([v.sum() for v in new_v])
     scale = torch.ones_like(sum_v)
     if not bool(torch.isfinite(sum_m_sq).all() & torch.isfinite(sum_v).all()):
         # Rare (huge gradients): the portable path's sums, which rescale
@@ -83,42 +87,53 @@ def _update_group(optimizer, dtype, grads, variables, learning_rate):
         epsilon,
     )
 
-    sqrt_v_hat = torch._foreach_sqrt(v_hat)
-    scaled_fisher = torch._foreach_mul(
-        v_hat, list((radius * curvature_scale).unbind())
+    # u = d * m_hat / (max(sqrt(v_hat), d * c * v_hat) + epsilon)
+    sqrt_v_hat = torch._foreach_sqrt(new_v)
+    torch._foreach_mul_(sqrt_v_hat, torch.rsqrt(beta_2_correction))
+    direction = torch._foreach_mul(
+        new_v, list((radius * curvature_scale / beta_2_correction).unbind())
     )
-    denominator = torch._foreach_maximum(sqrt_v_hat, scaled_fisher)
-    torch._foreach_add_(denominator, epsilon)
-    direction = torch._foreach_div(torch._foreach_mul(m_hat, radius), denominator)
+    torch._foreach_maximum_(direction, sqrt_v_hat)
+    torch._foreach_add_(direction, epsilon)
+    for m, u in zip(new_m, direction):
+        torch.div(m, u, out=u)
+    torch._foreach_mul_(direction, radius / beta_1_correction)
 
     new_thetas = thetas
     if optimizer.weight_decay is not None:
-        decays = [
-            lr * optimizer.weight_decay
-            if optimizer._use_weight_decay(v) else torch.zeros_like(lr)
-            for v in variables
+        decay = -lr * optimizer.weight_decay
+        new_thetas = [
+            torch.addcmul(t, t, decay) if optimizer._use_weight_decay(v) else t
+            for t, v in zip(thetas, variables)
         ]
-        new_thetas = torch._foreach_sub(thetas, torch._foreach_mul(thetas, decays))
-    new_thetas = torch._foreach_sub(new_thetas, torch._foreach_mul(direction, lr))
-    new_params = [t.to(p.dtype) for t, p in zip(new_thetas, params)]
+    new_params = [
+        torch.addcmul(t, u, -lr).to(p.dtype)
+        for t, u, p in zip(new_thetas, direction, params)
+    ]
 
-    gain = _norms(torch._foreach_mul(m_hat, direction), 1)
-    curvature = torch.square(
-        _norms(torch._foreach_mul(sqrt_v_hat, direction), 2)
-    )
+    # sum(m_hat * u) and sum((sqrt(v_hat) * u)**2), as in `update_step`.
+    gain = _dots(zip(new_m, direction)) / beta_1_correction
+    torch._foreach_mul_(sqrt_v_hat, direction)
+    curvature = _dots(zip(sqrt_v_hat, sqrt_v_hat))
     predicted = (lr * (gain - 0.5 * curvature)).to(torch.float32)
-    largest_new_weight = _norms(new_params, float("inf")).to(torch.float32)
+    # min and max propagate NaN: both are finite iff every new weight is.
+    weight_bounds = torch.stack([
+        torch.stack(torch.aminmax(p)).to(torch.float32) for p in new_params
+    ])
     is_finite = (
         torch.isfinite(sum_v_hat_eps)
         & torch.isfinite(predicted)
-        & torch.isfinite(largest_new_weight)
+        & torch.isfinite(weight_bounds).all(dim=1)
     )
 
-    for ok, state, new in zip(
-        is_finite.unbind() * 3,
-        moments + velocities + params,
-        list(new_m) + list(new_v) + new_params,
-    ):
-        torch.where(ok, new, state, out=state)
+    states = moments + velocities + params
+    news = list(new_m) + list(new_v) + new_params
+    if params[0].device.type == "cpu" and bool(is_finite.all()):
+        # The usual step: a plain copy. (A host check is free on CPU; on an
+        # accelerator it would stall the queue, so `where` is used there.)
+        torch._foreach_copy_(states, news)
+    else:
+        for ok, state, new in zip(is_finite.unbind() * 3, states, news):
+            torch.where(ok, new, state, out=state)
     total = torch.where(is_finite, predicted, 0.0).sum()
     optimizer._predicted_reduction.value.add_(total)
