@@ -535,11 +535,9 @@ class SOAA(keras.optimizers.Optimizer):
         new_v = ops.add(
             v, ops.multiply(ops.subtract(ops.square(gradient), v), 1 - self.beta_2)
         )
-        m_hat = ops.divide(new_m, beta_1_correction)
-        v_hat = ops.divide(new_v, beta_2_correction)
-        # The sums are taken over new_m and new_v, the bias corrections
-        # applied to the scalar sums: XLA then reads the new moments once
-        # more instead of writing m_hat and v_hat out as well.
+        # The sums are taken over new_m and new_v and the bias corrections
+        # folded into scalars: m_hat and v_hat are never made as arrays (on
+        # CPU, XLA writes out every array that several fusions read).
         curvature_scale, sum_v_hat_eps = curvature_scale_of_sums(
             *_curvature_sums(new_m, new_v),
             ops.cast(ops.size(new_v), dtype),
@@ -547,17 +545,23 @@ class SOAA(keras.optimizers.Optimizer):
             beta_2_correction,
             self.epsilon,
         )
-        fisher = ops.multiply(curvature_scale, v_hat)
-        # r = max(d * F, sqrt(v_hat)), as a `where`: Keras 3.15's torch
-        # `maximum` computes float64 inputs in float32 (its `result_type` of
-        # two torch float64 dtypes is float32). A NaN in `d * F` propagates.
-        scaled_fisher = ops.multiply(radius, fisher)
-        sqrt_v_hat = ops.sqrt(v_hat)
+        # r = max(d * F, sqrt(v_hat)), F = c * v_hat, as a `where`: Keras
+        # 3.15's torch `maximum` computes float64 inputs in float32 (its
+        # `result_type` of two torch float64 dtypes is float32). A NaN in
+        # `d * F` propagates.
+        sqrt_v_hat = ops.multiply(
+            ops.sqrt(new_v), ops.rsqrt(beta_2_correction)
+        )
+        scaled_fisher = ops.multiply(
+            new_v, radius * curvature_scale / beta_2_correction
+        )
         denominator = ops.where(
             ops.greater_equal(sqrt_v_hat, scaled_fisher), sqrt_v_hat, scaled_fisher
         )
-        direction = ops.divide(
-            ops.multiply(radius, m_hat), ops.add(denominator, self.epsilon)
+        # u = d * m_hat / (r + epsilon)
+        direction = ops.multiply(
+            ops.divide(new_m, ops.add(denominator, self.epsilon)),
+            radius / beta_1_correction,
         )
 
         new_theta = theta
@@ -573,7 +577,7 @@ class SOAA(keras.optimizers.Optimizer):
         # adds exactly 0, or NaN where a new weight is not finite: one sum
         # both predicts the reduction and checks the new weights.
         gain = ops.subtract(
-            ops.multiply(m_hat, direction),
+            ops.multiply(ops.multiply(new_m, direction), 1 / beta_1_correction),
             ops.multiply(0.5, ops.square(ops.multiply(sqrt_v_hat, direction))),
         )
         checked_gain = ops.add(
