@@ -36,8 +36,9 @@ def update(optimizer, grads, variables, learning_rate):
     for grad, variable in zip(grads, variables):
         if 0 in tuple(variable.shape):
             continue  # no element: nothing to update, nothing predicted
-        moment = optimizer._momentums[optimizer._get_variable_index(variable)]
-        groups.setdefault(moment.value.dtype, []).append((grad, variable))
+        index = optimizer._get_variable_index(variable)
+        dtype = optimizer._momentums[index].value.dtype
+        groups.setdefault(dtype, []).append((grad, variable, index))
     for dtype, members in groups.items():
         _update_group(optimizer, dtype, *zip(*members), learning_rate)
 
@@ -47,8 +48,7 @@ def _dots(pairs):
     return torch.stack([torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in pairs])
 
 
-def _update_group(optimizer, dtype, grads, variables, learning_rate):
-    indices = [optimizer._get_variable_index(v) for v in variables]
+def _update_group(optimizer, dtype, grads, variables, indices, learning_rate):
     moments = [optimizer._momentums[i].value for i in indices]
     velocities = [optimizer._velocities[i].value for i in indices]
     params = [v.value for v in variables]
