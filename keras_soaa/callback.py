@@ -1,9 +1,13 @@
 """`TrustRegionCallback`: feeds each trained batch's loss to SOAA during `fit`."""
 
+import contextlib
+import functools
+
 import keras
 from keras import ops
 from keras.src.utils.tracking import DotNotTrackScope
 
+from keras_soaa import trust_region
 from keras_soaa.optimizer import SCALAR_STATE_NAMES, SOAA
 
 
@@ -46,7 +50,8 @@ class BatchLossMean(keras.metrics.Mean):
         self.unread_count = self.add_variable(
             shape=(), initializer="zeros", dtype=self.dtype, name="unread_count"
         )
-        self._read_and_clear = None
+        # The `TrustRegionCallback` hand-over that reads and clears them.
+        self.hand_over = None
 
     def update_state(self, values, sample_weight=None):
         """Adds `values` (weighted) to the mean and to the unread sums."""
@@ -58,27 +63,129 @@ class BatchLossMean(keras.metrics.Mean):
         self.unread_count.assign_add(ops.sum(weights))
         super().update_state(values, sample_weight=sample_weight)
 
-    def read_unread(self):
-        """Returns the unread `(total, count)` as floats and clears them."""
-        if self._read_and_clear is None:
-            self._read_and_clear = self._read_and_clear_unread
-            if keras.backend.backend() == "tensorflow":
+
+def hand_over_loss(state, iterations, observed_iterations, pending, unread,
+                   *, observe):
+    """One batch's hand-over of the tracked loss to the controller (pure).
+
+    Adds the tracker's `unread` `(total, count)` to the `pending` ones. If
+    the optimizer has stepped since the last observation (`iterations !=
+    observed_iterations`) and some loss is pending, observes the pending
+    weighted mean and clears it; otherwise keeps it for the next step.
+
+    Returns:
+        `(state, observed_iterations, pending, unread, report)`: the new
+        values, with `unread` cleared, and `report` a float32 vector
+        `[observed (0 or 1), loss, *state]`.
+    """
+    total = pending[0] + unread[0]
+    count = pending[1] + unread[1]
+    ready = ops.logical_and(
+        ops.not_equal(iterations, observed_iterations), ops.greater(count, 0.0)
+    )
+    loss = ops.divide(total, ops.where(ready, count, 1.0))
+    observed = observe(state, loss, iterations)
+    state = type(state)(
+        *(ops.where(ready, new, old) for new, old in zip(observed, state))
+    )
+    zero = ops.zeros_like(total)
+    return (
+        state,
+        ops.where(ready, iterations, observed_iterations),
+        (ops.where(ready, zero, total), ops.where(ready, zero, count)),
+        (zero, zero),
+        ops.stack([ops.cast(ready, "float32"), loss, *state]),
+    )
+
+
+class _LossHandOver:
+    """Runs `hand_over_loss` on the device, once per batch, in one call.
+
+    Owns the pending loss sums and the step of the last observation (three
+    scalar variables, outside the optimizer's saved state) and compiles the
+    hand-over where the backend compiles, so that a batch costs one call and
+    one small device-to-host transfer: the report.
+    """
+
+    def __init__(self, optimizer: SOAA, tracker: BatchLossMean, strategy=None):
+        self.optimizer = optimizer
+        self._tracker = tracker
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():
+            self._observed_iterations = keras.Variable(
+                0, dtype=optimizer.iterations.dtype, trainable=False,
+                aggregation="only_first_replica", name="observed_iterations",
+            )
+            self._pending = tuple(
+                keras.Variable(
+                    0.0, dtype=tracker.dtype, trainable=False,
+                    aggregation="only_first_replica", name=name,
+                )
+                for name in ("pending_total", "pending_count")
+            )
+        self._compiled = None
+
+    def restart(self):
+        """Drops the pending loss; the next loss waits for the next step."""
+        for variable in self._pending:
+            variable.assign(0.0)
+        # A copy: on JAX the trainer donates (deletes) the iterations' array.
+        self._observed_iterations.assign(ops.add(self.optimizer.iterations, 0))
+
+    def __call__(self):
+        """Hands the unread loss over; returns the report as NumPy."""
+        return ops.convert_to_numpy(self._compiled_run()())
+
+    def _compiled_run(self):
+        key = self.optimizer._controller_key()
+        if self._compiled is not None and self._compiled[0] == key:
+            return self._compiled[1]
+        step = functools.partial(
+            hand_over_loss, observe=self.optimizer._controller()
+        )
+        backend = keras.backend.backend()
+        if backend == "jax":
+            import jax
+
+            step = jax.jit(step)
+
+            def run():
+                # Values in, values out: the variables are assigned outside.
+                return self._assign(step(*self._inputs(value=True)))
+        else:
+            def run():
+                return self._assign(step(*self._inputs(value=False)))
+
+            if backend == "tensorflow":
                 import tensorflow as tf
 
-                # One graph call instead of six eager ops.
-                self._read_and_clear = tf.function(
-                    self._read_and_clear_unread, autograph=False
-                )
-        total, count = ops.convert_to_numpy(self._read_and_clear())
-        return float(total), float(count)
+                run = tf.function(run, autograph=False)
+        self._compiled = (key, run)
+        return run
 
-    def _read_and_clear_unread(self):
-        # Stacked: one device-to-host transfer for both.
-        unread = ops.stack([ops.add(self.unread_total, 0.0),
-                            ops.add(self.unread_count, 0.0)])
-        self.unread_total.assign(0.0)
-        self.unread_count.assign(0.0)
-        return unread
+    def _inputs(self, value):
+        read = (lambda v: v.value) if value else (lambda v: ops.add(v, 0))
+        tracker = self._tracker
+        return (
+            trust_region.TrustRegionState(
+                *(read(getattr(self.optimizer, name))
+                  for name in SCALAR_STATE_NAMES)
+            ),
+            ops.convert_to_tensor(self.optimizer.iterations),
+            read(self._observed_iterations),
+            tuple(read(v) for v in self._pending),
+            (read(tracker.unread_total), read(tracker.unread_count)),
+        )
+
+    def _assign(self, outputs):
+        state, observed_iterations, pending, unread, report = outputs
+        for name, value in zip(SCALAR_STATE_NAMES, state):
+            getattr(self.optimizer, name).assign(value)
+        self._observed_iterations.assign(observed_iterations)
+        for variable, value in zip(self._pending, pending):
+            variable.assign(value)
+        self._tracker.unread_total.assign(unread[0])
+        self._tracker.unread_count.assign(unread[1])
+        return report
 
 
 def _use_batch_loss_tracker(model) -> BatchLossMean:
@@ -107,10 +214,17 @@ class TrustRegionCallback(keras.callbacks.Callback):
     loss of the batch just trained. So at the start of training this callback
     gives the model a loss tracker that also keeps the loss not yet read
     (`BatchLossMean`: the same running mean for the logs, plus the weighted
-    sum and weight since the last read), and after each batch it reads the
+    sum and weight since the last read), and after each batch it hands the
     loss of the batch(es) trained since its previous call, weighted by batch
-    size as `fit` reports it. With `steps_per_execution > 1` that is their
-    weighted mean.
+    size as `fit` reports it, to the controller. With `steps_per_execution >
+    1` that is their weighted mean.
+
+    The hand-over runs on the device, in one compiled call per batch (on
+    torch, eagerly) that applies `SOAA.observe_loss`'s controller step to the
+    tracked loss: the loss never travels to the host and back. The batch's
+    only device-to-host transfer is one small report (whether a loss was
+    observed, the loss, the new controller state) from which the radius is
+    logged.
 
     A loss is observed once the optimizer has taken a step since the previous
     observation. Batches that moved no weights (a step skipped by
@@ -178,56 +292,43 @@ class TrustRegionCallback(keras.callbacks.Callback):
                 "the run) or `fit(..., steps_per_epoch=...)`."
             )
         self._optimizer._attach_loss_observer()
-        self._tracker = _use_batch_loss_tracker(self.model)
-        self._pending_total = 0.0
-        self._pending_count = 0.0
-        self._observed_iterations = self._iterations()
-        self._observed_state = None
+        tracker = _use_batch_loss_tracker(self.model)
+        # Reused by later `fit`s (and callbacks): its compiled call too.
+        self._hand_over = tracker.hand_over
+        if self._hand_over is None or self._hand_over.optimizer is not self._optimizer:
+            self._hand_over = tracker.hand_over = _LossHandOver(
+                self._optimizer, tracker,
+                getattr(self.model, "distribute_strategy", None),  # TF only
+            )
+        self._hand_over.restart()
+        self._last_report = None
 
     def on_train_batch_end(self, batch, logs=None):
         """Observes the loss of the batch(es) trained since the last step."""
         self._sync_backend_state()
-        total, count = self._tracker.read_unread()
-        self._pending_total += total
-        self._pending_count += count
-
-        iterations = self._iterations()
-        if iterations != self._observed_iterations and self._pending_count > 0:
-            self._optimizer.observe_loss(
-                self._pending_total / self._pending_count
-            )
-            self._pending_total = self._pending_count = 0.0
-            self._observed_iterations = iterations
-            if keras.backend.backend() == "jax":
-                self._observed_state = self._scalar_values()
+        report = self._hand_over()
+        self._last_report = report
         if logs is not None:
-            logs["radius"] = self._radius()
+            logs["radius"] = float(report[2])
 
     def on_epoch_end(self, epoch, logs=None):
         """Adds the radius to the epoch's logs."""
-        # Keras 3.15's JAX `fit` ends an epoch of unknown length by attaching
-        # the state it held before the last batch's callbacks, which undoes
-        # that batch's observation: write it again (no step came since).
+        report = self._last_report
         if (
-            self._observed_state is not None
-            and self._iterations() == self._observed_iterations
+            keras.backend.backend() == "jax"
+            and report is not None
+            and report[0]
         ):
-            for name, value in self._observed_state.items():
+            # Keras 3.15's JAX `fit` ends an epoch of unknown length by
+            # attaching the state it held before the last batch's callbacks,
+            # which undoes that batch's observation: write it again (no step
+            # came since; normally this writes the values already there).
+            for name, value in zip(SCALAR_STATE_NAMES, report[2:]):
                 getattr(self._optimizer, name).assign(value)
         if logs is not None:
-            logs["radius"] = self._radius()
-
-    def _iterations(self) -> int:
-        return int(ops.convert_to_numpy(self._optimizer.iterations))
-
-    def _scalar_values(self):
-        # Device copies, not host reads: the trainer donates (deletes) the
-        # state's own arrays at its next step.
-        return {name: ops.copy(getattr(self._optimizer, name).value)
-                for name in SCALAR_STATE_NAMES}
-
-    def _radius(self) -> float:
-        return float(ops.convert_to_numpy(self._optimizer.radius))
+            if report is None:  # no batch yet: read it
+                report = [None, None, ops.convert_to_numpy(self._optimizer.radius)]
+            logs["radius"] = float(report[2])
 
     def _sync_backend_state(self):
         # During a JAX `fit` the live state is held outside the variables;

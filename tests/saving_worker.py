@@ -33,7 +33,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from keras_soaa import SOAA, TrustRegionCallback  # noqa: E402
+from fed_losses import FedLossRecorder  # noqa: E402
+
+from keras_soaa import SOAA  # noqa: E402
 from keras_soaa.callback import find_soaa  # noqa: E402
 from keras_soaa.optimizer import SCALAR_STATE_NAMES  # noqa: E402
 
@@ -121,19 +123,6 @@ def scalar_state(model):
     }
 
 
-def record_fed_losses(optimizer):
-    """Wraps the SOAA's `observe_loss` to record the losses it is fed."""
-    soaa = find_soaa(optimizer)
-    fed, observe = [], soaa.observe_loss
-
-    def recording_observe(loss):
-        fed.append(float(loss))
-        observe(loss)
-
-    soaa.observe_loss = recording_observe
-    return fed
-
-
 class StopAfterEpoch(keras.callbacks.Callback):
     """Stops `fit` after `epoch` epochs, as if the job had been stopped.
 
@@ -155,8 +144,7 @@ def fit(model, x, y, epochs, initial_epoch=0, callbacks=(), fed=None):
 
     Returns the list of losses fed to SOAA (`fed`, or a new list).
     """
-    if fed is None:
-        fed = record_fed_losses(model.optimizer)
+    recorder = FedLossRecorder()
     model.fit(
         x,
         y,
@@ -165,8 +153,11 @@ def fit(model, x, y, epochs, initial_epoch=0, callbacks=(), fed=None):
         initial_epoch=initial_epoch,
         shuffle=False,
         verbose=0,
-        callbacks=[TrustRegionCallback(), *callbacks],
+        callbacks=[recorder, *callbacks],
     )
+    if fed is None:
+        fed = []
+    fed.extend(recorder.fed)
     return fed
 
 

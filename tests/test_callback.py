@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 from conftest import BACKEND, to_numpy
+from fed_losses import FedLossRecorder
 
 from keras_soaa import SOAA, TrustRegionCallback
 
@@ -33,6 +34,18 @@ def numpy_mse(model, x, y):
     return float(np.mean((x @ kernel + bias - y) ** 2))
 
 
+def assert_state_fed(optimizer, losses):
+    """The controller's loss average is the EMA of exactly `losses`: checks
+    what reached the optimizer's state, not only what the callback reports."""
+    average = 0.0
+    for loss in losses:
+        average = optimizer.beta_1 * average + (1 - optimizer.beta_1) * loss
+    assert int(to_numpy(optimizer.loss_count)) == len(losses)
+    np.testing.assert_allclose(
+        float(to_numpy(optimizer.loss_average)), average, rtol=1e-5
+    )
+
+
 class BatchLossTruth(keras.callbacks.Callback):
     """Records the loss of each batch at the weights it is trained from."""
 
@@ -47,34 +60,22 @@ class BatchLossTruth(keras.callbacks.Callback):
         self.losses.append(numpy_mse(self.model, self.x[s], self.y[s]))
 
 
-def record_fed_losses(optimizer):
-    """Wraps `optimizer.observe_loss` to record what it is fed."""
-    fed, observe = [], optimizer.observe_loss
-
-    def recording_observe(loss):
-        fed.append(float(loss))
-        observe(loss)
-
-    optimizer.observe_loss = recording_observe
-    return fed
-
-
 def test_feeds_exact_batch_losses():
     x, y = make_data()
     optimizer = SOAA(learning_rate=0.05)
     model = make_model(optimizer)
-    fed = record_fed_losses(optimizer)
+    recorder = FedLossRecorder()
     truth = BatchLossTruth(x, y)
     history = model.fit(
         x, y, batch_size=BATCH_SIZE, epochs=EPOCHS, shuffle=False, verbose=0,
-        callbacks=[TrustRegionCallback(), truth],
+        callbacks=[recorder, truth],
     )
-    assert len(fed) == EPOCHS * len(BATCH_SLICES) == len(truth.losses)
-    np.testing.assert_allclose(fed, truth.losses, rtol=2e-6)
+    assert len(recorder.fed) == EPOCHS * len(BATCH_SLICES) == len(truth.losses)
+    np.testing.assert_allclose(recorder.fed, truth.losses, rtol=2e-6)
     # What Keras logs (the epoch's running mean) is far from it.
     assert not np.allclose(history.history["loss"][-1], truth.losses[-1])
     assert optimizer.total_steps == EPOCHS * len(BATCH_SLICES)
-    assert int(to_numpy(optimizer.loss_count)) == len(fed)
+    assert_state_fed(optimizer, truth.losses)
 
 
 @pytest.mark.parametrize(
@@ -96,12 +97,13 @@ def test_feeds_weighted_mean_with_steps_per_execution(steps_per_execution):
             expected.append(
                 np.average(batch_losses[group], weights=sizes[group])
             )
-    fed = record_fed_losses(optimizer)
+    recorder = FedLossRecorder()
     model.fit(
         x, y, batch_size=BATCH_SIZE, epochs=EPOCHS, shuffle=False, verbose=0,
-        callbacks=[TrustRegionCallback()],
+        callbacks=[recorder],
     )
-    np.testing.assert_allclose(fed, expected, rtol=2e-6)
+    np.testing.assert_allclose(recorder.fed, expected, rtol=2e-6)
+    assert_state_fed(optimizer, expected)
 
 
 def test_radius_in_history_and_csv_logs(tmp_path):
@@ -144,10 +146,10 @@ def test_unwraps_loss_scale_optimizer():
     x, y = make_data()
     optimizer = SOAA(learning_rate=0.05)
     model = make_model(keras.optimizers.LossScaleOptimizer(optimizer))
-    fed = record_fed_losses(optimizer)
+    recorder = FedLossRecorder()
     model.fit(x, y, batch_size=BATCH_SIZE, epochs=1, verbose=0,
-              callbacks=[TrustRegionCallback()])
-    assert len(fed) == len(BATCH_SLICES)
+              callbacks=[recorder])
+    assert len(recorder.fed) == len(BATCH_SLICES)
     assert optimizer.total_steps == len(BATCH_SLICES)
     assert float(to_numpy(optimizer.loss_count)) == len(BATCH_SLICES)
 
@@ -181,12 +183,13 @@ def test_feeds_mean_of_accumulated_batches(accumulation_steps):
         for i in range(0, len(sizes) - accumulation_steps + 1,
                        accumulation_steps)
     ]
-    fed = record_fed_losses(optimizer)
+    recorder = FedLossRecorder()
     model.fit(
         x, y, batch_size=BATCH_SIZE, epochs=EPOCHS, shuffle=False, verbose=0,
-        callbacks=[TrustRegionCallback()],
+        callbacks=[recorder],
     )
-    np.testing.assert_allclose(fed, expected, rtol=2e-6)
+    np.testing.assert_allclose(recorder.fed, expected, rtol=2e-6)
+    assert_state_fed(optimizer, expected)
     assert optimizer.total_steps == EPOCHS * len(BATCH_SLICES) // accumulation_steps
 
 
@@ -201,10 +204,10 @@ def test_exact_late_losses_in_a_long_epoch():
     offsets = np.logspace(2, -2, 300)[:, None]  # error per sample: 100 .. 0.01
     y = (to_numpy(model.weights[1]) + offsets).astype("float32")
     expected = [numpy_mse(model, x[i:i + 1], y[i:i + 1]) for i in range(300)]
-    fed = record_fed_losses(optimizer)
+    recorder = FedLossRecorder()
     model.fit(x, y, batch_size=1, epochs=1, shuffle=False, verbose=0,
-              callbacks=[TrustRegionCallback()])
-    np.testing.assert_allclose(fed, expected, rtol=1e-6)
+              callbacks=[recorder])
+    np.testing.assert_allclose(recorder.fed, expected, rtol=1e-6)
 
 
 def test_model_metrics_keep_one_loss_tracker():
@@ -218,3 +221,31 @@ def test_model_metrics_keep_one_loss_tracker():
     after = model.evaluate(x, y, verbose=0)
     assert len(after) == len(before) == 2
     assert after[0] < before[0]
+
+
+def test_one_host_transfer_per_batch(monkeypatch):
+    """The callback reads one small array per batch from the device, and
+    nothing more (the loss and the controller step stay on the device)."""
+    from keras_soaa import callback
+
+    class CountingOps:
+        transfers = 0
+
+        def __getattr__(self, name):
+            return getattr(keras.ops, name)
+
+        def convert_to_numpy(self, x):
+            CountingOps.transfers += 1
+            return keras.ops.convert_to_numpy(x)
+
+    x, y = make_data()
+    optimizer = SOAA(learning_rate=0.05)
+    model = make_model(optimizer)
+    model.fit(x, y, batch_size=BATCH_SIZE, epochs=1, verbose=0,
+              callbacks=[TrustRegionCallback()])  # builds and traces
+    monkeypatch.setattr(callback, "ops", CountingOps())
+    history = model.fit(x, y, batch_size=BATCH_SIZE, epochs=EPOCHS, verbose=0,
+                        callbacks=[TrustRegionCallback()])
+    assert CountingOps.transfers == EPOCHS * len(BATCH_SLICES)
+    assert float(to_numpy(optimizer.loss_count)) == (EPOCHS + 1) * len(BATCH_SLICES)
+    assert history.history["radius"][-1] == float(to_numpy(optimizer.radius))

@@ -17,8 +17,9 @@ import keras
 import numpy as np
 import pytest
 from conftest import BACKEND, to_numpy
+from fed_losses import FedLossRecorder
 
-from keras_soaa import SOAA, TrustRegionCallback
+from keras_soaa import SOAA
 
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
 TIMEOUT_S = 300
@@ -135,18 +136,16 @@ def fit_with_policy(policy, loss_scale_optimizer_scale=None):
                 soaa, initial_scale=loss_scale_optimizer_scale
             )
         model.compile(optimizer=optimizer, loss="mse")
-        fed, observe = [], soaa.observe_loss
-        soaa.observe_loss = lambda loss: (fed.append(float(loss)),
-                                          observe(loss))
+        recorder = FedLossRecorder()
         radii = []
         trace = keras.callbacks.LambdaCallback(
             on_train_batch_end=lambda batch, logs: radii.append(logs["radius"])
         )
         history = model.fit(
             x, y, batch_size=32, epochs=4, shuffle=False, verbose=0,
-            callbacks=[TrustRegionCallback(), trace],
+            callbacks=[recorder, trace],
         )
-        return dict(model=model, soaa=soaa, fed=np.array(fed),
+        return dict(model=model, soaa=soaa, fed=np.array(recorder.fed),
                     radii=np.array(radii), losses=history.history["loss"])
     finally:
         keras.mixed_precision.set_dtype_policy("float32")

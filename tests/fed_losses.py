@@ -1,0 +1,21 @@
+"""`FedLossRecorder`: a `TrustRegionCallback` that records the losses it feeds."""
+
+from keras_soaa import TrustRegionCallback
+
+
+class FedLossRecorder(TrustRegionCallback):
+    """`TrustRegionCallback` that also lists, in `fed`, each loss it observed.
+
+    It reads the callback's per-batch report (`[observed, loss, *state]`),
+    the same values the controller was fed on the device.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.fed = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch, logs)
+        observed, loss = self._last_report[:2]
+        if observed:
+            self.fed.append(float(loss))
