@@ -70,3 +70,16 @@ def test_observe_loss_compiles_once_per_configuration(calls):
     assert calls["observe"] == traced_or_run + 1
     assert float(keras.ops.convert_to_numpy(optimizer.loss_count)) == 7
 
+
+
+def test_eager_apply_compiles_once_on_tensorflow(calls):
+    """Eager TF runs the update as one XLA function, traced at the first
+    step; JAX runs `update_step` eagerly per variable and step; torch takes
+    its fused path."""
+    variables = [keras.Variable(np.ones((3, 2))), keras.Variable(np.ones(2))]
+    optimizer = SOAA(total_steps=10)
+    for _ in range(5):
+        optimizer.apply([keras.ops.ones((3, 2)), keras.ops.ones(2)], variables)
+    expected = {"tensorflow": 2, "jax": 2 * 5, "torch": 0}[BACKEND]
+    assert calls["update_step"] == expected
+    assert int(keras.ops.convert_to_numpy(optimizer.iterations)) == 5
