@@ -582,41 +582,56 @@ class SOAA(keras.optimizers.Optimizer):
         # 3.15's torch `maximum` computes float64 inputs in float32 (its
         # `result_type` of two torch float64 dtypes is float32). A NaN in
         # `d * F` propagates.
-        sqrt_v_hat = ops.multiply(
-            ops.sqrt(new_v), ops.rsqrt(beta_2_correction)
-        )
+        sqrt_v_hat = ops.multiply(ops.sqrt(new_v), ops.rsqrt(beta_2_correction))
         scaled_fisher = ops.multiply(
             new_v, radius * curvature_scale / beta_2_correction
         )
         denominator = ops.where(
             ops.greater_equal(sqrt_v_hat, scaled_fisher), sqrt_v_hat, scaled_fisher
         )
-        # u = d * m_hat / (r + epsilon)
-        direction = ops.multiply(
-            ops.divide(new_m, ops.add(denominator, self.epsilon)),
-            radius / beta_1_correction,
-        )
+        # u = d * m_hat / (r + epsilon) = a * q: only q is made as an array,
+        # every scalar factor stays on scalars (on CPU, XLA writes out each
+        # array a reduction reads, broadcast scalars included).
+        step_scale = radius / beta_1_correction  # a
+        quotient = ops.divide(new_m, ops.add(denominator, self.epsilon))  # q
 
         new_theta = theta
         if self.weight_decay is not None and self._use_weight_decay(variable):
             wd = ops.cast(self.weight_decay, dtype)
             new_theta = ops.subtract(theta, theta * wd * lr)
         new_theta = ops.cast(
-            ops.subtract(new_theta, ops.multiply(lr, direction)), variable_dtype
+            ops.subtract(new_theta, ops.multiply(quotient, lr * step_scale)),
+            variable_dtype,
         )
 
-        # v_hat * u**2 as (sqrt(v_hat) * u)**2: u**2 alone underflows float32
-        # when v_hat is huge (|g| ~ 1e19 gives u ~ 1e-20). `0 * new_theta`
-        # adds exactly 0, or NaN where a new weight is not finite: one sum
-        # both predicts the reduction and checks the new weights.
-        gain = ops.subtract(
-            ops.multiply(ops.multiply(new_m, direction), 1 / beta_1_correction),
-            ops.multiply(0.5, ops.square(ops.multiply(sqrt_v_hat, direction))),
+        # sum(m_hat * u - v_hat * u**2 / 2)
+        #   = a / b1c * sum(new_m * q) - a**2 / (2 * b2c) * sum(new_v * q * q),
+        # two sums of products of arrays that exist anyway. `new_v * q` first:
+        # q**2 underflows float32 when v is huge (|g| ~ 1e19 gives q ~
+        # 1e-20), while |new_v * q| <= |new_m| * b2c / d (r >= d * v_hat).
+        # Each term of the second sum is at most half the first's, so the
+        # difference loses no digits. `0 * new_theta` adds exactly 0, or NaN
+        # where a new weight is not finite: the sums also check the weights.
+        alignment = ops.sum(
+            ops.add(
+                ops.multiply(new_m, quotient),
+                ops.multiply(ops.cast(new_theta, dtype), 0.0),
+            )
         )
-        checked_gain = ops.add(
-            gain, ops.multiply(ops.cast(new_theta, dtype), 0.0)
+        curvature = ops.sum(ops.multiply(ops.multiply(new_v, quotient), quotient))
+        predicted = ops.cast(
+            ops.multiply(
+                lr,
+                ops.subtract(
+                    ops.multiply(alignment, step_scale / beta_1_correction),
+                    ops.multiply(
+                        curvature,
+                        ops.square(step_scale) / (2.0 * beta_2_correction),
+                    ),
+                ),
+            ),
+            "float32",
         )
-        predicted = ops.cast(ops.multiply(lr, ops.sum(checked_gain)), "float32")
 
         # A non-finite gradient leaves this variable and its state untouched,
         # and so does any other step that cannot be computed finitely: `g**2`
