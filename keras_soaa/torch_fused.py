@@ -111,7 +111,8 @@ def _update_group(optimizer, dtype, grads, variables, indices, learning_rate):
         for t, u, p in zip(new_thetas, direction, params)
     ]
 
-    # sum(m_hat * u) and sum((sqrt(v_hat) * u)**2), as in `update_step`.
+    # sum(m_hat * u) and sum(v_hat * u**2), the latter as
+    # sum((sqrt(v_hat) * u)**2): u**2 alone underflows when v_hat is huge.
     gain = _dots(zip(new_m, direction)) / beta_1_correction
     torch._foreach_mul_(sqrt_v_hat, direction)
     curvature = _dots(zip(sqrt_v_hat, sqrt_v_hat))
