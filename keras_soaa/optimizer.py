@@ -361,7 +361,7 @@ class SOAA(keras.optimizers.Optimizer):
         self._loss_observed = False
         self._warned_no_loss_observed = False
         self._observation_cache = None
-        self._xla_update_cache = None
+        self._xla_update_cache = {}
         self._moments_at_least_float32 = False
 
     def build(self, var_list):
@@ -514,10 +514,11 @@ class SOAA(keras.optimizers.Optimizer):
 
     def _xla_update_step(self, trainable_variables):
         """Returns `(grads, learning_rate) -> None` compiled with XLA (TF)."""
+        # One per set of variables (a training loop may alternate subsets);
+        # the cached list keeps them alive, so their ids stay theirs.
         key = tuple(id(v) for v in trainable_variables)
-        cache = self._xla_update_cache
-        if cache is not None and cache[0] == key:
-            return cache[1]
+        if key in self._xla_update_cache:
+            return self._xla_update_cache[key]
         import tensorflow as tf
 
         variables = list(trainable_variables)
@@ -527,7 +528,7 @@ class SOAA(keras.optimizers.Optimizer):
             parent(grads, variables, learning_rate)
 
         compiled = tf.function(update, jit_compile=True, autograph=False)
-        self._xla_update_cache = (key, compiled)
+        self._xla_update_cache[key] = compiled
         return compiled
 
     def _apply_weight_decay(self, variables):
