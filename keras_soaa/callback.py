@@ -326,9 +326,11 @@ class TrustRegionCallback(keras.callbacks.Callback):
             for name, value in zip(SCALAR_STATE_NAMES, report[2:]):
                 getattr(self._optimizer, name).assign(value)
         if logs is not None:
-            if report is None:  # no batch yet: read it
-                report = [None, None, ops.convert_to_numpy(self._optimizer.radius)]
-            logs["radius"] = float(report[2])
+            radius = (
+                report[2] if report is not None  # else no batch yet: read it
+                else ops.convert_to_numpy(self._optimizer.radius)
+            )
+            logs["radius"] = float(radius)
 
     def _sync_backend_state(self):
         # During a JAX `fit` the live state is held outside the variables;

@@ -610,9 +610,10 @@ class SOAA(keras.optimizers.Optimizer):
         # two sums of products of arrays that exist anyway. `new_v * q` first:
         # q**2 underflows float32 when v is huge (|g| ~ 1e19 gives q ~
         # 1e-20), while |new_v * q| <= |new_m| * b2c / d (r >= d * v_hat).
-        # Each term of the second sum is at most half the first's, so the
-        # difference loses no digits. `0 * new_theta` adds exactly 0, or NaN
-        # where a new weight is not finite: the sums also check the weights.
+        # Each scaled term of the second sum is at most half the first's
+        # (v_hat * u**2 <= m_hat * u / c), so the difference loses no digits.
+        # `0 * new_theta` adds exactly 0, or NaN where a new weight is not
+        # finite: the sums also check the weights.
         alignment = ops.sum(
             ops.add(
                 ops.multiply(new_m, quotient),
