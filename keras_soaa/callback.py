@@ -1,14 +1,16 @@
 """`TrustRegionCallback`: feeds each trained batch's loss to SOAA during `fit`."""
 
 import contextlib
-import functools
+from typing import NamedTuple
 
 import keras
+import numpy as np
 from keras import ops
-from keras.src.utils.tracking import DotNotTrackScope
 
-from keras_soaa import trust_region
-from keras_soaa.optimizer import SCALAR_STATE_NAMES, SOAA
+from keras_soaa import _keras_internals as internals
+from keras_soaa.compile import CompiledCache, compile_state_update, read_value
+from keras_soaa.optimizer import SOAA
+from keras_soaa.trust_region import TrustRegionState
 
 
 def find_soaa(optimizer) -> SOAA:
@@ -76,7 +78,8 @@ def hand_over_loss(state, iterations, observed_iterations, pending, unread,
     Returns:
         `(state, observed_iterations, pending, unread, report)`: the new
         values, with `unread` cleared, and `report` a float32 vector
-        `[observed (0 or 1), loss, *state]`.
+        `[observed (0 or 1), loss, *state]` (read it with
+        `HandOverReport.from_vector`).
     """
     total = pending[0] + unread[0]
     count = pending[1] + unread[1]
@@ -96,6 +99,23 @@ def hand_over_loss(state, iterations, observed_iterations, pending, unread,
         (zero, zero),
         ops.stack([ops.cast(ready, "float32"), loss, *state]),
     )
+
+
+class HandOverReport(NamedTuple):
+    """What one batch's hand-over reports to the host (one transfer)."""
+
+    observed: bool  # whether the controller observed a loss this batch
+    loss: float  # the loss handed over (the pending weighted mean)
+    state: TrustRegionState  # the controller state after the hand-over
+
+    @classmethod
+    def from_vector(cls, vector) -> "HandOverReport":
+        """Reads the vector that `hand_over_loss` returns."""
+        vector = np.asarray(vector)
+        return cls(
+            bool(vector[0]), float(vector[1]),
+            TrustRegionState(*(float(x) for x in vector[2:])),
+        )
 
 
 class _LossHandOver:
@@ -122,7 +142,7 @@ class _LossHandOver:
                 )
                 for name in ("pending_total", "pending_count")
             )
-        self._compiled = None
+        self._compiled = CompiledCache()
 
     def restart(self):
         """Drops the pending loss; the next loss waits for the next step."""
@@ -131,55 +151,32 @@ class _LossHandOver:
         # A copy: on JAX the trainer donates (deletes) the iterations' array.
         self._observed_iterations.assign(ops.add(self.optimizer.iterations, 0))
 
-    def __call__(self):
-        """Hands the unread loss over; returns the report as NumPy."""
-        return ops.convert_to_numpy(self._compiled_run()())
-
-    def _compiled_run(self):
-        key = self.optimizer._controller_key()
-        if self._compiled is not None and self._compiled[0] == key:
-            return self._compiled[1]
-        step = functools.partial(
-            hand_over_loss, observe=self.optimizer._controller()
+    def __call__(self) -> HandOverReport:
+        """Hands the unread loss over; returns the batch's report."""
+        controller = self.optimizer.controller()
+        run = self._compiled.get(
+            controller,
+            lambda: compile_state_update(
+                self._inputs,
+                lambda *inputs: hand_over_loss(*inputs, observe=controller),
+                self._assign,
+            ),
         )
-        backend = keras.backend.backend()
-        if backend == "jax":
-            import jax
+        return HandOverReport.from_vector(ops.convert_to_numpy(run()))
 
-            step = jax.jit(step)
-
-            def run():
-                # Values in, values out: the variables are assigned outside.
-                return self._assign(step(*self._inputs(value=True)))
-        else:
-            def run():
-                return self._assign(step(*self._inputs(value=False)))
-
-            if backend == "tensorflow":
-                import tensorflow as tf
-
-                run = tf.function(run, autograph=False)
-        self._compiled = (key, run)
-        return run
-
-    def _inputs(self, value):
-        read = (lambda v: v.value) if value else (lambda v: ops.add(v, 0))
+    def _inputs(self):
         tracker = self._tracker
         return (
-            trust_region.TrustRegionState(
-                *(read(getattr(self.optimizer, name))
-                  for name in SCALAR_STATE_NAMES)
-            ),
-            ops.convert_to_tensor(self.optimizer.iterations),
-            read(self._observed_iterations),
-            tuple(read(v) for v in self._pending),
-            (read(tracker.unread_total), read(tracker.unread_count)),
+            self.optimizer.trust_region_state(),
+            read_value(self.optimizer.iterations),
+            read_value(self._observed_iterations),
+            tuple(read_value(v) for v in self._pending),
+            (read_value(tracker.unread_total), read_value(tracker.unread_count)),
         )
 
     def _assign(self, outputs):
         state, observed_iterations, pending, unread, report = outputs
-        for name, value in zip(SCALAR_STATE_NAMES, state):
-            getattr(self.optimizer, name).assign(value)
+        self.optimizer.assign_trust_region_state(state)
         self._observed_iterations.assign(observed_iterations)
         for variable, value in zip(self._pending, pending):
             variable.assign(value)
@@ -190,7 +187,7 @@ class _LossHandOver:
 
 def _use_batch_loss_tracker(model) -> BatchLossMean:
     """Gives `model` a `BatchLossMean` loss tracker (once); returns it."""
-    tracker = model._loss_tracker
+    tracker = internals.loss_tracker(model)
     if isinstance(tracker, BatchLossMean):
         return tracker
     strategy = getattr(model, "distribute_strategy", None)  # TF only
@@ -199,11 +196,7 @@ def _use_batch_loss_tracker(model) -> BatchLossMean:
             tracker = BatchLossMean(name=tracker.name)
     else:
         tracker = BatchLossMean(name=tracker.name)
-    # As `compile` sets it: untracked, or `model.metrics` would list it twice.
-    with DotNotTrackScope():
-        model._loss_tracker = tracker
-    # The train function may have been traced with the old tracker.
-    model.make_train_function(force=True)
+    internals.replace_loss_tracker(model, tracker)
     return tracker
 
 
@@ -257,7 +250,7 @@ class TrustRegionCallback(keras.callbacks.Callback):
                 if SOAA was built on other variables than the model trains.
         """
         self._optimizer = find_soaa(self.model.optimizer)
-        built_on = getattr(self._optimizer, "_trainable_variables", [])
+        built_on = internals.trained_variables_of(self._optimizer)
         trained = self.model.trainable_variables
         if (
             keras.backend.backend() == "jax"
@@ -291,7 +284,7 @@ class TrustRegionCallback(keras.callbacks.Callback):
                 "`SOAA(total_steps=...)` (the number of optimizer steps of "
                 "the run) or `fit(..., steps_per_epoch=...)`."
             )
-        self._optimizer._attach_loss_observer()
+        self._optimizer.attach_loss_observer()
         tracker = _use_batch_loss_tracker(self.model)
         # Reused by later `fit`s (and callbacks): its compiled call too.
         self._hand_over = tracker.hand_over
@@ -301,41 +294,26 @@ class TrustRegionCallback(keras.callbacks.Callback):
                 getattr(self.model, "distribute_strategy", None),  # TF only
             )
         self._hand_over.restart()
-        self._last_report = None
+        self.last_report = None
 
     def on_train_batch_end(self, batch, logs=None):
         """Observes the loss of the batch(es) trained since the last step."""
-        self._sync_backend_state()
-        report = self._hand_over()
-        self._last_report = report
+        internals.sync_trainer_state(self.model)
+        self.last_report = self._hand_over()
         if logs is not None:
-            logs["radius"] = float(report[2])
+            logs["radius"] = self.last_report.state.radius
 
     def on_epoch_end(self, epoch, logs=None):
         """Adds the radius to the epoch's logs."""
-        report = self._last_report
-        if (
-            keras.backend.backend() == "jax"
-            and report is not None
-            and report[0]
-        ):
+        report = self.last_report
+        if keras.backend.backend() == "jax" and report is not None and report.observed:
             # Keras 3.15's JAX `fit` ends an epoch of unknown length by
             # attaching the state it held before the last batch's callbacks,
             # which undoes that batch's observation: write it again (no step
             # came since; normally this writes the values already there).
-            for name, value in zip(SCALAR_STATE_NAMES, report[2:]):
-                getattr(self._optimizer, name).assign(value)
+            self._optimizer.assign_trust_region_state(report.state)
         if logs is not None:
-            radius = (
-                report[2] if report is not None  # else no batch yet: read it
-                else ops.convert_to_numpy(self._optimizer.radius)
+            logs["radius"] = (
+                report.state.radius if report is not None  # else no batch yet
+                else float(ops.convert_to_numpy(self._optimizer.radius))
             )
-            logs["radius"] = float(radius)
-
-    def _sync_backend_state(self):
-        # During a JAX `fit` the live state is held outside the variables;
-        # syncing makes the tracker readable and keeps our writes to the
-        # optimizer's variables (the trainer regathers the state after it).
-        sync = getattr(self.model, "jax_state_sync", None)
-        if sync is not None:
-            sync()

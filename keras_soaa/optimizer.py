@@ -1,160 +1,31 @@
 """`SOAA`: Adam moments, a diagonal Fisher estimate and an adaptive trust region."""
 
-import functools
-import math
-import numbers
 import warnings
 
 import keras
-import numpy as np
 from keras import ops
-from keras.src.backend.common.stateless_scope import in_stateless_scope
 
-from keras_soaa import trust_region
+from keras_soaa import backends, maths, trust_region, validation
+from keras_soaa._keras_internals import in_stateless_scope, variable_layout
+from keras_soaa.compile import CompiledCache, compile_state_update, read_value
 
 # Bumped whenever the optimizer's variables change (number, order, meaning),
 # so that a file saved by a newer keras-soaa is refused, not mis-loaded: Keras
 # restores optimizer variables by position.
 STATE_LAYOUT_VERSION = 1
 
-# Variables of these dtypes get float32 moments and a float32 update.
-_LOW_PRECISION_FLOATS = ("float16", "bfloat16")
-
-# The five scalars of the trust-region controller, in the order they are
-# created (and saved): this order is part of the saved state layout.
-SCALAR_STATE_NAMES = (
-    "radius",
-    "loss_average",
-    "loss_count",
-    "predicted_reduction",
-    "previous_predicted_reduction",
-)
+# The controller's scalar variables, in the order they are created and saved.
+SCALAR_STATE_NAMES = trust_region.STATE_NAMES
 
 
-def _is_real_number(value):
-    """True for Python and NumPy reals (`np.float32(0.9)`, `np.int64(3)`)."""
-    return isinstance(value, numbers.Real) and not isinstance(
-        value, (bool, np.bool_)
-    )
+def moment_dtype(dtype):
+    """The dtype of `m`, `v` and the update of a variable of `dtype`.
 
-
-def _as_float(value):
-    """`float(value)`, or `nan` where it does not fit (e.g. `10**400`)."""
-    try:
-        return float(value)
-    except (OverflowError, TypeError, ValueError):
-        return math.nan
-
-
-def _check_real(name, value, low, high, *, low_open, high_open, rule):
-    """Raises `ValueError` naming `name` unless `value` is a real in range."""
-    if _is_real_number(value):
-        number = _as_float(value)
-        if math.isfinite(number):
-            above_low = number > low if low_open else number >= low
-            below_high = number < high if high_open else number <= high
-            if above_low and below_high:
-                return
-    raise ValueError(
-        f"Argument `{name}` must be a real number {rule}. Received: "
-        f"{name}={value!r} (of type {type(value).__name__})"
-    )
-
-
-def _python_number(value):
-    """NumPy scalars as Python numbers, so that `get_config` stays JSON."""
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def _validate_hyperparameters(
-    learning_rate,
-    beta_1,
-    beta_2,
-    epsilon,
-    radius_bound,
-    total_steps,
-    initial_radius,
-    weight_decay,
-):
-    inf = math.inf
-    if _is_real_number(learning_rate) or isinstance(learning_rate, bool):
-        _check_real(
-            "learning_rate", learning_rate, 0.0, inf,
-            low_open=True, high_open=True, rule="> 0 (finite)",
-        )
-    elif not callable(learning_rate):
-        raise ValueError(
-            "Argument `learning_rate` must be a real number > 0 (finite), a "
-            "`keras.optimizers.schedules.LearningRateSchedule` or a callable. "
-            f"Received: learning_rate={learning_rate!r} "
-            f"(of type {type(learning_rate).__name__})"
-        )
-    for name, value in (("beta_1", beta_1), ("beta_2", beta_2)):
-        _check_real(
-            name, value, 0.0, 1.0,
-            low_open=False, high_open=True, rule="in [0, 1)",
-        )
-    _check_real(
-        "epsilon", epsilon, 0.0, inf,
-        low_open=True, high_open=True, rule="> 0 (finite)",
-    )
-    _check_real(
-        "radius_bound", radius_bound, 0.0, 1.0,
-        low_open=True, high_open=True, rule="in (0, 1)",
-    )
-    _check_real(
-        "initial_radius", initial_radius, 0.0, inf,
-        low_open=True, high_open=True, rule="> 0 (finite)",
-    )
-    if total_steps is not None and (
-        not isinstance(total_steps, numbers.Integral)
-        or isinstance(total_steps, (bool, np.bool_))
-        or total_steps < 1
-    ):
-        raise ValueError(
-            "Argument `total_steps` must be `None` or an integer >= 1. "
-            f"Received: total_steps={total_steps!r} "
-            f"(of type {type(total_steps).__name__})"
-        )
-    if weight_decay is not None:
-        _check_real(
-            "weight_decay", weight_decay, 0.0, inf,
-            low_open=False, high_open=True, rule=">= 0 (finite) or `None`",
-        )
-
-
-def _loss_as_float32_scalar(loss):
-    """`loss` as a float32 scalar tensor, or a `ValueError` saying why not."""
-    def refuse(why):
-        return ValueError(
-            "`observe_loss` takes one real scalar loss (a Python or NumPy "
-            f"number, or a scalar tensor of a float or integer dtype); {why}. "
-            f"Received: loss={loss!r:.200}"
-        )
-
-    if loss is None or isinstance(loss, (str, bytes, bool, np.bool_)):
-        raise refuse(f"got {type(loss).__name__}")
-    if isinstance(loss, numbers.Real):
-        # Python and NumPy numbers: beyond float32's range they become +-inf
-        # on every backend (TensorFlow refuses to convert 1e300 otherwise).
-        try:
-            value = float(loss)
-        except OverflowError:  # an int beyond float64
-            value = math.copysign(math.inf, loss)
-        with np.errstate(over="ignore"):
-            loss = np.float32(value)
-    try:
-        tensor = ops.convert_to_tensor(loss)
-    except Exception as error:  # Backends raise different types here.
-        raise refuse(f"{type(loss).__name__} is not convertible") from error
-    dtype = keras.backend.standardize_dtype(tensor.dtype)
-    if not ("float" in dtype or "int" in dtype):
-        raise refuse(f"got dtype {dtype}")
-    if len(ops.shape(tensor)) != 0:
-        raise refuse(f"got a tensor of shape {tuple(ops.shape(tensor))}")
-    return ops.cast(tensor, "float32")
+    float32 for float16 and bfloat16: `g**2` overflows float16 for |g| > 256,
+    and nothing non-finite may reach the optimizer state.
+    """
+    dtype = keras.backend.standardize_dtype(dtype)
+    return "float32" if dtype in maths.LARGEST_FINITE else dtype
 
 
 def _tf_eager_without_strategy():
@@ -162,56 +33,6 @@ def _tf_eager_without_strategy():
     import tensorflow as tf
 
     return tf.executing_eagerly() and not tf.distribute.has_strategy()
-
-
-def _curvature_sums(new_m, new_v):
-    """Returns `(sum(new_m**2) * s, sum(new_v) * s, s)` for one variable.
-
-    `s` is 1, or a smaller factor when a plain sum overflows.
-
-    Both sums are taken as they are, in one pass; only when one overflows
-    (a variable of large gradients: `g**2 ~ 1e36` summed) are they taken
-    again, scaled by `s = k**2`, `k = 1 / sqrt(max(1, max(new_v)))`: the
-    ratio `c` needs is the same. The terms are multiplied by `k` twice,
-    never by `k**2`: that can be subnormal, and XLA on CPU flushes
-    subnormals to zero. A non-finite `new_v` leaves the second sum
-    non-finite either way (`update_step` skips the step then).
-    """
-    one = ops.ones((), new_v.dtype)
-    plain = (ops.sum(ops.square(new_m)), ops.sum(new_v), one)
-
-    def scaled():
-        k = ops.divide(one, ops.sqrt(ops.max(new_v, initial=1.0)))
-        return (
-            ops.sum(ops.square(ops.multiply(new_m, k))),
-            ops.sum(ops.multiply(ops.multiply(new_v, k), k)),
-            ops.multiply(k, k),
-        )
-
-    return ops.cond(
-        ops.logical_and(ops.isfinite(plain[0]), ops.isfinite(plain[1])),
-        lambda: plain,
-        scaled,
-    )
-
-
-def curvature_scale_of_sums(
-    sum_m_sq, sum_v, scale, size, beta_1_correction, beta_2_correction, epsilon
-):
-    """Returns `(c, sum(v_hat + epsilon) * scale)` from `_curvature_sums`.
-
-    `c = 1 + sum(m_hat**2) / sum(v_hat + epsilon)`, with the bias
-    corrections applied to the sums of the new moments. Elementwise over
-    per-variable values, so the torch fused path calls it for all variables.
-    """
-    sum_v_hat_eps = ops.add(
-        ops.divide(sum_v, beta_2_correction),
-        ops.multiply(ops.multiply(size, epsilon), scale),
-    )
-    curvature_scale = 1 + ops.divide(
-        ops.divide(sum_m_sq, ops.square(beta_1_correction)), sum_v_hat_eps
-    )
-    return curvature_scale, sum_v_hat_eps
 
 
 @keras.saving.register_keras_serializable(package="keras_soaa")
@@ -255,14 +76,15 @@ class SOAA(keras.optimizers.Optimizer):
 
     A variable whose gradient holds a NaN or an infinity is left exactly as
     it was for that step (weights, moments, no weight decay, nothing added to
-    the predicted reduction); so is one whose step cannot be computed
-    finitely in its dtype (`g**2` beyond float32's range, i.e. |g| > ~1.8e19
-    for a float32 variable; a new weight that overflows its dtype; a
-    non-finite learning rate). A non-finite loss (or one beyond float32's
-    range) is not averaged in and sets the radius to its lower bound. Nothing
-    non-finite reaches the weights or the optimizer state. Variables of
-    dtype float16 or bfloat16 keep `m` and `v` in float32 and are updated in
-    float32, rounding only the new weight to their dtype.
+    the predicted reduction); so is one whose `g**2` overflows the moments'
+    dtype (|g| > ~1.8e19 for float32), and every variable when the learning
+    rate is not finite. The check is the sums `c` needs anyway; with finite
+    sums the step is bounded and is applied (a non-finite predicted
+    reduction is then just not added). A non-finite loss (or one beyond
+    float32's range) is not averaged in and sets the radius to its lower
+    bound. Variables of dtype float16 or bfloat16 keep `m` and `v` in
+    float32 and are updated in float32, rounding only the new weight to
+    their dtype (saturating at its largest finite value).
 
     Warning rule: the radius only adapts if losses are observed. SOAA warns
     once per optimizer (a `UserWarning` at its first `apply`, which is trace
@@ -319,22 +141,16 @@ class SOAA(keras.optimizers.Optimizer):
         name=None,
         **kwargs,
     ):
-        _validate_hyperparameters(
-            learning_rate,
-            beta_1,
-            beta_2,
-            epsilon,
-            radius_bound,
-            total_steps,
-            initial_radius,
-            weight_decay,
+        validation.validate_hyperparameters(
+            learning_rate, beta_1, beta_2, epsilon, radius_bound, total_steps,
+            initial_radius, weight_decay,
         )
-        if _is_real_number(learning_rate):
+        if validation.is_real_number(learning_rate):
             # The base class takes Python floats only; an int or a NumPy
             # scalar is just as clear.
             learning_rate = float(learning_rate)
         # NumPy scalars become Python numbers: `get_config` must stay JSON.
-        number = _python_number
+        number = validation.python_number
         super().__init__(
             learning_rate=learning_rate,
             name=name,
@@ -360,9 +176,7 @@ class SOAA(keras.optimizers.Optimizer):
         self._loss_observer_attached = False
         self._loss_observed = False
         self._warned_no_loss_observed = False
-        self._observation_cache = None
-        self._xla_update_cache = {}
-        self._moments_at_least_float32 = False
+        self._compiled = CompiledCache()
 
     def build(self, var_list):
         """Creates `m` and `v` per variable and the five controller scalars.
@@ -373,54 +187,34 @@ class SOAA(keras.optimizers.Optimizer):
         if self.built:
             return
         super().build(var_list)
-        # `m` and `v` of a float16 or bfloat16 variable are float32: `g**2`
-        # overflows float16 for |g| > 256, and nothing non-finite may reach
-        # the optimizer state (see `add_variable`).
-        self._moments_at_least_float32 = True
-        try:
-            self._momentums, self._velocities = self.add_optimizer_variables(
-                var_list, ["momentum", "velocity"]
-            )
-        finally:
-            self._moments_at_least_float32 = False
-        initial_values = {"radius": self.initial_radius}
+        self._momentums, self._velocities = [], []
+        for variable in var_list:
+            # As `add_optimizer_variables`, with the dtype of `moment_dtype`.
+            for slots, name in (
+                (self._momentums, "momentum"),
+                (self._velocities, "velocity"),
+            ):
+                slots.append(
+                    None
+                    if self._overwrite_variable_with_gradient(variable)
+                    else self.add_variable(
+                        shape=variable.shape,
+                        dtype=moment_dtype(variable.dtype),
+                        name=f"{variable.path.replace('/', '_')}_{name}",
+                        layout=variable_layout(variable),
+                    )
+                )
         for name in SCALAR_STATE_NAMES:
             variable = self.add_variable(
                 shape=(),
                 initializer=keras.initializers.Constant(
-                    initial_values.get(name, 0.0)
+                    self.initial_radius if name == "radius" else 0.0
                 ),
                 dtype="float32",
                 aggregation="only_first_replica",
                 name=name,
             )
             setattr(self, f"_{name}", variable)
-
-    def add_variable(
-        self,
-        shape,
-        initializer="zeros",
-        dtype=None,
-        aggregation="none",
-        layout=None,
-        name=None,
-    ):
-        """Adds an optimizer variable (see `keras.optimizers.Optimizer`).
-
-        While `build` creates the moments, 16-bit float dtypes are raised to
-        float32; everything else is as in the base class.
-        """
-        if self._moments_at_least_float32 and dtype is not None:
-            if keras.backend.standardize_dtype(dtype) in _LOW_PRECISION_FLOATS:
-                dtype = "float32"
-        return super().add_variable(
-            shape,
-            initializer=initializer,
-            dtype=dtype,
-            aggregation=aggregation,
-            layout=layout,
-            name=name,
-        )
 
     def apply(self, grads, trainable_variables=None):
         """Applies one step (see `keras.optimizers.Optimizer.apply`).
@@ -431,8 +225,12 @@ class SOAA(keras.optimizers.Optimizer):
         self._warn_once_if_no_loss_is_observed()
         return super().apply(grads, trainable_variables)
 
-    def _attach_loss_observer(self):
-        """Called by `TrustRegionCallback` before training starts."""
+    def attach_loss_observer(self):
+        """Declares that losses will be observed (no warning then).
+
+        `TrustRegionCallback` calls it before training; a custom feeder of
+        `observe_loss` may too.
+        """
         self._loss_observer_attached = True
 
     def _warn_once_if_no_loss_is_observed(self):
@@ -482,59 +280,93 @@ class SOAA(keras.optimizers.Optimizer):
         """What `predicted_reduction` was at the last observation."""
         return self._previous_predicted_reduction
 
-    def _trust_region_state(self):
-        # Copies: on torch a variable's tensor is updated in place, and the
-        # new state is assigned one variable at a time. `x + 0`, not
-        # `ops.copy`: under `torch.compile` (torch 2.13), `b.assign(copy(a))`
-        # followed by `a.assign(0)` left `b == 0`, losing the predicted
-        # reduction that the next observation is judged against.
-        return trust_region.TrustRegionState(
-            *(
-                ops.add(getattr(self, f"_{name}"), 0.0)
-                for name in SCALAR_STATE_NAMES
-            )
+    def controller(self) -> trust_region.PaperController:
+        """The controller for the current hyperparameters.
+
+        A pure `(state, loss, iterations) -> state` (see
+        `trust_region.observe`), hashable: equal configurations give equal
+        controllers. `observe_loss` and `TrustRegionCallback` run it.
+        """
+        return trust_region.PaperController(
+            total_steps=self.total_steps,
+            radius_bound=self.radius_bound,
+            beta_1=self.beta_1,
+            epsilon=self.epsilon,
         )
 
+    def trust_region_state(self) -> trust_region.TrustRegionState:
+        """The controller's state: the values of the five scalars."""
+        return trust_region.TrustRegionState(
+            *(read_value(getattr(self, name)) for name in SCALAR_STATE_NAMES)
+        )
+
+    def assign_trust_region_state(self, state: trust_region.TrustRegionState):
+        """Writes `state` into the five scalar variables."""
+        for name, value in zip(SCALAR_STATE_NAMES, state):
+            getattr(self, name).assign(value)
+
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        # On torch, one fused pass over all variables (as Keras' torch Adam
-        # does); elsewhere `update_step` per variable, compiled by XLA.
-        backend = keras.backend.backend()
-        if backend == "torch":
-            from keras_soaa import torch_fused
+        fused = backends.fused_update_step()
+        if fused is not None:
+            self._fused_update(fused, grads, trainable_variables, learning_rate)
+        elif keras.backend.backend() == "tensorflow" and _tf_eager_without_strategy():
+            # Op by op, each elementwise op of `update_step` is a pass over
+            # memory; XLA fuses them, as it does in a compiled `fit`.
+            variables = list(trainable_variables)
+            update = self._compiled.get(
+                ("update", *map(id, variables)),
+                lambda: compile_state_update(
+                    lambda grads, lr: (grads, lr),
+                    lambda grads, lr: super(SOAA, self)._backend_update_step(
+                        grads, variables, lr
+                    ),
+                    lambda _: None,
+                    jit_compile=True,
+                ),
+            )
+            update(list(grads), ops.convert_to_tensor(learning_rate))
+        else:
+            super()._backend_update_step(grads, trainable_variables, learning_rate)
 
-            torch_fused.update(self, grads, trainable_variables, learning_rate)
-            return
-        if backend == "tensorflow" and _tf_eager_without_strategy():
-            # Op by op, each of update_step's ~30 elementwise ops is a pass
-            # over memory; XLA fuses them, as it does in a compiled `fit`.
-            compiled = self._xla_update_step(trainable_variables)
-            compiled(list(grads), ops.convert_to_tensor(learning_rate))
-            return
-        super()._backend_update_step(grads, trainable_variables, learning_rate)
-
-    def _xla_update_step(self, trainable_variables):
-        """Returns `(grads, learning_rate) -> None` compiled with XLA (TF)."""
-        # One per set of variables (a training loop may alternate subsets);
-        # the cached list keeps them alive, so their ids stay theirs.
-        key = tuple(id(v) for v in trainable_variables)
-        if key in self._xla_update_cache:
-            return self._xla_update_cache[key]
-        import tensorflow as tf
-
-        variables = list(trainable_variables)
-        parent = super()._backend_update_step
-
-        def update(grads, learning_rate):
-            parent(grads, variables, learning_rate)
-
-        compiled = tf.function(update, jit_compile=True, autograph=False)
-        self._xla_update_cache[key] = compiled
-        return compiled
+    def _fused_update(self, fused, grads, trainable_variables, learning_rate):
+        """Runs `fused` once per compute dtype over the non-empty variables."""
+        groups = {}
+        for grad, variable in zip(grads, trainable_variables):
+            if 0 in tuple(variable.shape):
+                continue  # no element: nothing to update, nothing predicted
+            index = self._get_variable_index(variable)
+            dtype = self._momentums[index].dtype
+            groups.setdefault(dtype, []).append((grad, variable, index))
+        for dtype, members in groups.items():
+            predicted = fused(
+                [ops.convert_to_tensor(grad) for grad, _, _ in members],
+                [variable.value for _, variable, _ in members],
+                [self._momentums[i].value for _, _, i in members],
+                [self._velocities[i].value for _, _, i in members],
+                [self._weight_decay_of(variable) for _, variable, _ in members],
+                self._step_scalars(learning_rate, dtype),
+                beta_1=self.beta_1,
+                beta_2=self.beta_2,
+                epsilon=self.epsilon,
+            )
+            self._predicted_reduction.assign_add(predicted)
 
     def _apply_weight_decay(self, variables):
         # Weight decay is applied in `update_step` instead, where a step that
         # is skipped for a non-finite gradient can skip it too.
         return
+
+    def _weight_decay_of(self, variable):
+        """`weight_decay` for `variable`, or `None` if it is not decayed."""
+        if self.weight_decay is None or not self._use_weight_decay(variable):
+            return None
+        return self.weight_decay
+
+    def _step_scalars(self, learning_rate, dtype):
+        return maths.step_scalars(
+            learning_rate, self.iterations, self._radius,
+            self.beta_1, self.beta_2, dtype,
+        )
 
     def update_step(self, gradient, variable, learning_rate):
         """Update step given gradient and the associated model variable."""
@@ -543,113 +375,33 @@ class SOAA(keras.optimizers.Optimizer):
             # TensorFlow `ops.add` fails on some empty shapes, e.g. (0, 2)).
             return
         index = self._get_variable_index(variable)
-        m_variable = self._momentums[index]
-        v_variable = self._velocities[index]
-        # The moments' dtype is the compute dtype: the variable's, or float32
-        # for a 16-bit variable, whose new value is rounded once at the end.
-        dtype = m_variable.dtype
-        variable_dtype = variable.dtype
-        lr = ops.cast(learning_rate, dtype)
+        m_variable, v_variable = self._momentums[index], self._velocities[index]
+        dtype = m_variable.dtype  # the compute dtype (`moment_dtype`)
+        scalars = self._step_scalars(learning_rate, dtype)
         gradient = ops.cast(gradient, dtype)
-        local_step = ops.cast(self.iterations + 1, dtype)
-        beta_1_correction = trust_region.bias_correction(
-            self.beta_1, local_step
-        )
-        beta_2_correction = trust_region.bias_correction(
-            self.beta_2, local_step
-        )
-        radius = ops.cast(self._radius, dtype)
-
         m = ops.convert_to_tensor(m_variable)
         v = ops.convert_to_tensor(v_variable)
         old_theta = ops.convert_to_tensor(variable)
-        theta = ops.cast(old_theta, dtype)
 
-        new_m = ops.add(m, ops.multiply(ops.subtract(gradient, m), 1 - self.beta_1))
-        new_v = ops.add(
-            v, ops.multiply(ops.subtract(ops.square(gradient), v), 1 - self.beta_2)
+        new_m, new_v = maths.moments(m, v, gradient, self.beta_1, self.beta_2)
+        sums = maths.curvature_sums(new_m, new_v)
+        size = ops.cast(ops.size(new_v), dtype)
+        c, sum_v_hat_eps = maths.curvature_scale(sums, size, scalars, self.epsilon)
+        quotient = maths.step_quotient(new_m, new_v, c, scalars, self.epsilon)
+        new_theta = maths.new_weight(
+            ops.cast(old_theta, dtype), quotient, scalars,
+            self._weight_decay_of(variable), variable.dtype,
         )
-        # The sums are taken over new_m and new_v and the bias corrections
-        # folded into scalars: m_hat and v_hat are never made as arrays (on
-        # CPU, XLA writes out every array that several fusions read).
-        curvature_scale, sum_v_hat_eps = curvature_scale_of_sums(
-            *_curvature_sums(new_m, new_v),
-            ops.cast(ops.size(new_v), dtype),
-            beta_1_correction,
-            beta_2_correction,
-            self.epsilon,
+        predicted = maths.predicted_reduction(
+            *maths.predicted_reduction_sums(new_m, new_v, quotient), scalars
         )
-        # r = max(d * F, sqrt(v_hat)), F = c * v_hat, as a `where`: Keras
-        # 3.15's torch `maximum` computes float64 inputs in float32 (its
-        # `result_type` of two torch float64 dtypes is float32). A NaN in
-        # `d * F` propagates.
-        sqrt_v_hat = ops.multiply(ops.sqrt(new_v), ops.rsqrt(beta_2_correction))
-        scaled_fisher = ops.multiply(
-            new_v, radius * curvature_scale / beta_2_correction
-        )
-        denominator = ops.where(
-            ops.greater_equal(sqrt_v_hat, scaled_fisher), sqrt_v_hat, scaled_fisher
-        )
-        # u = d * m_hat / (r + epsilon) = a * q: only q is made as an array,
-        # every scalar factor stays on scalars (on CPU, XLA writes out each
-        # array a reduction reads, broadcast scalars included).
-        step_scale = radius / beta_1_correction  # a
-        quotient = ops.divide(new_m, ops.add(denominator, self.epsilon))  # q
+        is_finite = maths.is_finite_step(c, sum_v_hat_eps, scalars)
 
-        new_theta = theta
-        if self.weight_decay is not None and self._use_weight_decay(variable):
-            wd = ops.cast(self.weight_decay, dtype)
-            new_theta = ops.subtract(theta, theta * wd * lr)
-        new_theta = ops.cast(
-            ops.subtract(new_theta, ops.multiply(quotient, lr * step_scale)),
-            variable_dtype,
-        )
-
-        # sum(m_hat * u - v_hat * u**2 / 2)
-        #   = a / b1c * sum(new_m * q) - a**2 / (2 * b2c) * sum(new_v * q * q),
-        # two sums of products of arrays that exist anyway. `new_v * q` first:
-        # q**2 underflows float32 when v is huge (|g| ~ 1e19 gives q ~
-        # 1e-20), while |new_v * q| <= |new_m| * b2c / d (r >= d * v_hat).
-        # Each scaled term of the second sum is at most half the first's
-        # (v_hat * u**2 <= m_hat * u / c), so the difference loses no digits.
-        # `0 * new_theta` adds exactly 0, or NaN where a new weight is not
-        # finite: the sums also check the weights.
-        alignment = ops.sum(
-            ops.add(
-                ops.multiply(new_m, quotient),
-                ops.multiply(ops.cast(new_theta, dtype), 0.0),
-            )
-        )
-        curvature = ops.sum(ops.multiply(ops.multiply(new_v, quotient), quotient))
-        predicted = ops.cast(
-            ops.multiply(
-                lr,
-                ops.subtract(
-                    ops.multiply(alignment, step_scale / beta_1_correction),
-                    ops.multiply(
-                        curvature,
-                        ops.square(step_scale) / (2.0 * beta_2_correction),
-                    ),
-                ),
-            ),
-            "float32",
-        )
-
-        # A non-finite gradient leaves this variable and its state untouched,
-        # and so does any other step that cannot be computed finitely: `g**2`
-        # overflowing the moments' dtype (|g| > ~1.8e19 in float32), a new
-        # weight overflowing the variable's dtype, a predicted reduction
-        # overflowing float32. The sum of `v_hat` (never negative) is finite
-        # exactly when every `v_hat` is, i.e. when `g` holds no NaN or inf
-        # and `g**2` did not overflow; `predicted` catches the rest.
-        is_finite = ops.logical_and(
-            ops.isfinite(sum_v_hat_eps), ops.isfinite(predicted)
-        )
         self.assign(m_variable, ops.where(is_finite, new_m, m))
         self.assign(v_variable, ops.where(is_finite, new_v, v))
         self.assign(variable, ops.where(is_finite, new_theta, old_theta))
         self.assign_add(
-            self._predicted_reduction, ops.where(is_finite, predicted, 0.0)
+            self._predicted_reduction, maths.finite_or_zero(predicted, is_finite)
         )
 
     def observe_loss(self, loss):
@@ -689,63 +441,25 @@ class SOAA(keras.optimizers.Optimizer):
                 "callbacks=[keras_soaa.TrustRegionCallback()])`, which sets it "
                 "from the epochs and steps per epoch."
             )
-        loss = _loss_as_float32_scalar(loss)
+        loss = validation.loss_as_float32_scalar(loss)
         self._loss_observed = True
-        self._compiled_observation()(loss)
-
-    def _observe_and_assign(self, loss, observe):
-        new_state = observe(
-            self._trust_region_state(), loss, ops.convert_to_tensor(self.iterations)
+        controller = self.controller()
+        if in_stateless_scope():
+            # The scope must see the assignments themselves, not a graph's.
+            self.assign_trust_region_state(
+                controller(self.trust_region_state(), loss, self.iterations)
+            )
+            return
+        observe = self._compiled.get(
+            ("observe", controller),
+            lambda: compile_state_update(
+                self._controller_inputs, controller, self.assign_trust_region_state
+            ),
         )
-        for name, value in zip(SCALAR_STATE_NAMES, new_state):
-            getattr(self, f"_{name}").assign(value)
+        observe(loss)
 
-    def _controller_key(self):
-        """The hyperparameters the controller step is compiled for."""
-        return (self.total_steps, self.radius_bound, self.beta_1, self.epsilon)
-
-    def _controller(self):
-        """Returns `(state, loss, iterations) -> state` for this configuration."""
-        return functools.partial(
-            trust_region.observe,
-            total_steps=self.total_steps,
-            radius_bound=self.radius_bound,
-            beta_1=self.beta_1,
-            epsilon=self.epsilon,
-        )
-
-    def _compiled_observation(self):
-        """Returns `loss -> None`: the controller step, compiled per config.
-
-        Run op by op, it costs ~1 ms per observed loss (about 30 scalar
-        ops), a tenth of a small model's training step.
-        """
-        key = self._controller_key()
-        cache = self._observation_cache
-        if cache is not None and cache[0] == key:
-            return cache[1]
-        observe = self._controller()
-        backend = keras.backend.backend()
-        if backend == "jax":
-            import jax
-
-            observe = jax.jit(observe)
-        run = functools.partial(self._observe_and_assign, observe=observe)
-        if backend == "tensorflow":
-            import tensorflow as tf
-
-            # Reads and writes the variables inside the graph: one call.
-            compiled = tf.function(run, autograph=False)
-
-            def run(loss):
-                # A `StatelessScope` (`stateless_observe_loss`) must see the
-                # assignments themselves, not a graph's.
-                if in_stateless_scope():
-                    return self._observe_and_assign(loss, observe)
-                return compiled(loss)
-
-        self._observation_cache = (key, run)
-        return run
+    def _controller_inputs(self, loss):
+        return self.trust_region_state(), loss, read_value(self.iterations)
 
     def stateless_observe_loss(self, optimizer_variables, loss):
         """Stateless `observe_loss`, for JAX training loops under `jax.jit`.

@@ -2,12 +2,17 @@
 
 The controller is a pure function of the five scalar state values of the
 optimizer and one observed loss, written in `keras.ops` so that it runs on
-every backend, eagerly or inside a compiled function.
+every backend, eagerly or inside a compiled function. `PaperController`
+binds it to the optimizer's hyperparameters: the optimizer hands it out
+(`SOAA.controller()`) to whoever feeds losses, and it doubles as the key of
+their compiled step.
 """
 
 from typing import NamedTuple
 
 from keras import ops
+
+from keras_soaa.maths import bias_correction
 
 
 class TrustRegionState(NamedTuple):
@@ -20,14 +25,9 @@ class TrustRegionState(NamedTuple):
     previous_predicted_reduction: object
 
 
-def bias_correction(beta: float, step):
-    """Returns `1 - beta**step` in the dtype of `step`, accurate in float32.
-
-    `beta = 0.999` rounds to float32 with a relative error of 1e-5 in
-    `1 - beta`; computing from the Python float `1 - beta` keeps it at 1e-7.
-    """
-    one_minus_beta = ops.convert_to_tensor(1.0 - beta, dtype=step.dtype)
-    return -ops.expm1(step * ops.log1p(-one_minus_beta))
+# The names of the optimizer's scalar variables, in the order they are
+# created and saved: part of the saved state layout.
+STATE_NAMES = TrustRegionState._fields
 
 
 def radius_bounds(iterations, total_steps: int, radius_bound: float):
@@ -106,3 +106,20 @@ def observe(
         predicted_reduction=ops.zeros_like(state.predicted_reduction),
         previous_predicted_reduction=state.predicted_reduction,
     )
+
+
+class PaperController(NamedTuple):
+    """The paper's controller (`observe`) for one set of hyperparameters.
+
+    Hashable and comparable, so a compiled controller step can be cached per
+    configuration. Call it as `controller(state, loss, iterations)`.
+    """
+
+    total_steps: int
+    radius_bound: float
+    beta_1: float
+    epsilon: float
+
+    def __call__(self, state: TrustRegionState, loss, iterations):
+        """Returns the state after observing `loss` (see `observe`)."""
+        return observe(state, loss, iterations, **self._asdict())

@@ -6,8 +6,8 @@ from keras_soaa import TrustRegionCallback
 class FedLossRecorder(TrustRegionCallback):
     """`TrustRegionCallback` that also lists, in `fed`, each loss it observed.
 
-    It reads the callback's per-batch report (`[observed, loss, *state]`),
-    the same values the controller was fed on the device.
+    It reads the callback's per-batch `HandOverReport`, the same values the
+    controller was fed on the device.
     """
 
     def __init__(self):
@@ -16,6 +16,5 @@ class FedLossRecorder(TrustRegionCallback):
 
     def on_train_batch_end(self, batch, logs=None):
         super().on_train_batch_end(batch, logs)
-        observed, loss = self._last_report[:2]
-        if observed:
-            self.fed.append(float(loss))
+        if self.last_report.observed:
+            self.fed.append(self.last_report.loss)

@@ -1,7 +1,7 @@
 """The backend's own update path gives the numbers of the portable one.
 
 On torch, SOAA updates all variables with fused `torch._foreach_*` kernels
-(keras_soaa/torch_fused.py); on eager TF, `apply` runs the portable
+(keras_soaa/backends/torch.py); on eager TF, `apply` runs the portable
 `update_step` per variable inside one XLA-compiled function; on JAX, the
 plain `update_step` per variable. Either way, `apply` must match the plain
 eager loop of `update_step` over the variables, state included.

@@ -1,0 +1,144 @@
+"""SOAA's update of many variables at once, with `torch._foreach_*` kernels.
+
+On torch, Keras runs a subclass' `update_step` eagerly, one variable and one
+small op at a time; Keras' own torch Adam avoids that with multi-tensor
+kernels (`keras/src/backend/torch/optimizers/torch_adam.py`). This is the same
+for SOAA: `update_step` below follows `SOAA.update_step` line for line, and
+each function it calls has the name of the `keras_soaa.maths` function it
+stands for, applied to a list of tensors (one per variable). Where `maths`
+only combines per-variable scalars it is called as it is, on vectors.
+tests/test_fast_paths.py checks that both paths give the same numbers.
+
+On CPU a foreach call is a loop of per-tensor kernels and every new array is
+freshly mapped memory: the sums are BLAS dot products and most kernels write
+in place.
+"""
+
+import keras
+import torch
+
+from keras_soaa import maths
+from keras_soaa.maths import (
+    curvature_scale,
+    finite_or_zero,
+    is_finite_step,
+    predicted_reduction,
+)
+
+
+def _dots(pairs):
+    # sum(a * b) without an array for the products.
+    return torch.stack([torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in pairs])
+
+
+def moments(momentums, velocities, grads, beta_1, beta_2):
+    """`maths.moments` for many variables: its formulas as lerp, mul-add."""
+    new_m = torch._foreach_lerp(momentums, grads, 1 - beta_1)
+    new_v = torch._foreach_mul(velocities, beta_2)
+    torch._foreach_addcmul_(new_v, grads, grads, 1 - beta_2)
+    return new_m, new_v
+
+
+def curvature_sums(new_m, new_v) -> maths.CurvatureSums:
+    """`maths.curvature_sums` for many variables: vectors of sums."""
+    sum_m_sq = _dots(zip(new_m, new_m))
+    sum_v = torch.stack([v.sum() for v in new_v])
+    if bool(torch.isfinite(sum_m_sq).all() & torch.isfinite(sum_v).all()):
+        return maths.CurvatureSums(sum_m_sq, sum_v, torch.ones_like(sum_v))
+    # Rare (huge gradients): the portable sums, which rescale where a plain
+    # sum overflows. The host check is free on CPU; it guards only this.
+    return maths.CurvatureSums(
+        *(torch.stack(sums) for sums in zip(*map(maths.curvature_sums, new_m, new_v)))
+    )
+
+
+def step_quotient(new_m, new_v, curvature_scale, scalars, epsilon):
+    """`maths.step_quotient` for many variables (`curvature_scale`: a vector)."""
+    b2c = scalars.beta_2_correction
+    sqrt_v_hat = torch._foreach_sqrt(new_v)
+    torch._foreach_mul_(sqrt_v_hat, torch.rsqrt(b2c))
+    scale = scalars.radius * curvature_scale / b2c
+    denominator = torch._foreach_mul(new_v, list(scale.unbind()))
+    torch._foreach_maximum_(denominator, sqrt_v_hat)  # NaN propagates
+    torch._foreach_add_(denominator, epsilon)
+    for m, r in zip(new_m, denominator):
+        torch.div(m, r, out=r)
+    return denominator
+
+
+def new_weight(thetas, quotients, scalars, weight_decays, dtypes):
+    """`maths.new_weight` for many variables.
+
+    `weight_decays` has one entry per variable (`None` where it is not
+    decayed), `dtypes` the variables' torch dtypes.
+    """
+    lr = scalars.learning_rate
+    step_scale = scalars.radius / scalars.beta_1_correction
+    new_thetas = []
+    for theta, quotient, weight_decay, dtype in zip(
+        thetas, quotients, weight_decays, dtypes
+    ):
+        if weight_decay is not None:
+            theta = torch.addcmul(theta, theta, -weight_decay * lr)
+        new_theta = torch.addcmul(theta, quotient, -lr * step_scale)
+        largest = maths.LARGEST_FINITE.get(keras.backend.standardize_dtype(dtype))
+        if largest is not None:
+            new_theta.clamp_(-largest, largest)
+        new_thetas.append(new_theta.to(dtype))
+    return new_thetas
+
+
+def predicted_reduction_sums(new_m, new_v, quotients):
+    """`maths.predicted_reduction_sums` for many variables: two vectors."""
+    weighted = torch._foreach_mul(new_v, quotients)
+    return _dots(zip(new_m, quotients)), _dots(zip(weighted, quotients))
+
+
+@torch.no_grad()
+def update_step(
+    grads, params, momentums, velocities, weight_decays, scalars,
+    *, beta_1, beta_2, epsilon,
+):
+    """Applies SOAA's step to variables that share one compute dtype.
+
+    Args:
+        grads: one gradient tensor per variable.
+        params: the variables' torch tensors, updated in place.
+        momentums: their `m` (of the compute dtype), updated in place.
+        velocities: their `v`, updated in place.
+        weight_decays: one per variable, `None` where it is not decayed.
+        scalars: the step's `maths.StepScalars` in the compute dtype.
+        beta_1: the optimizer's `beta_1`.
+        beta_2: the optimizer's `beta_2`.
+        epsilon: the optimizer's `epsilon`.
+
+    Returns:
+        The predicted reduction of the applied steps, a float32 scalar.
+    """
+    dtype = momentums[0].dtype
+    grads = [g.to(dtype) for g in grads]
+    thetas = [p.to(dtype) for p in params]
+
+    new_m, new_v = moments(momentums, velocities, grads, beta_1, beta_2)
+    sums = curvature_sums(new_m, new_v)
+    sizes = torch.tensor([p.numel() for p in params], dtype=dtype)
+    c, sum_v_hat_eps = curvature_scale(sums, sizes, scalars, epsilon)
+    quotients = step_quotient(new_m, new_v, c, scalars, epsilon)
+    new_params = new_weight(
+        thetas, quotients, scalars, weight_decays, [p.dtype for p in params]
+    )
+    predicted = predicted_reduction(
+        *predicted_reduction_sums(new_m, new_v, quotients), scalars
+    )
+    is_finite = is_finite_step(c, sum_v_hat_eps, scalars)
+
+    states = momentums + velocities + params
+    news = [*new_m, *new_v, *new_params]
+    if params[0].device.type == "cpu" and bool(is_finite.all()):
+        # The usual step: a plain copy. (A host check is free on CPU; on an
+        # accelerator it would stall the queue, so `where` is used there.)
+        torch._foreach_copy_(states, news)
+    else:
+        for ok, state, new in zip(is_finite.unbind() * 3, states, news):
+            torch.where(ok, new, state, out=state)
+    return finite_or_zero(predicted, is_finite).sum()

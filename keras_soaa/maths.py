@@ -1,0 +1,217 @@
+"""SOAA's arithmetic: pure `keras.ops` functions, one per quantity of the spec.
+
+The leaf of the package: it imports nothing from `keras_soaa`. The optimizer's
+`update_step`, the backend fast paths (`keras_soaa/backends/`) and the
+controller (`trust_region.py`) all compute through it, in this order:
+
+```
+scalars   = step_scalars(...)                     # eta, 1 - beta^t, d
+new_m, new_v = moments(m, v, g, beta_1, beta_2)
+sums      = curvature_sums(new_m, new_v)           # sum(m^2), sum(v)
+c, sum_v_hat_eps = curvature_scale(sums, n, scalars, epsilon)
+q         = step_quotient(new_m, new_v, c, scalars, epsilon)
+theta     = new_weight(theta, q, scalars, weight_decay, dtype)
+predicted = predicted_reduction(*predicted_reduction_sums(new_m, new_v, q), scalars)
+ok        = is_finite_step(c, sum_v_hat_eps, scalars)
+```
+
+The bias corrections are folded into scalars (`m_hat`, `v_hat` and `u` are
+never made as arrays): with `q = new_m / (r + epsilon)` and `a = d / (1 -
+beta_1^t)`, the step is `u = a * q`. Every function takes arrays of one
+variable, or, where it only combines per-variable scalars
+(`curvature_scale`, `predicted_reduction`, `is_finite_step`), vectors of
+them, which is how the fused paths call it for many variables at once.
+"""
+
+from typing import NamedTuple
+
+import keras
+from keras import ops
+
+# The largest finite value of the 16-bit float dtypes, whose variables are
+# updated in float32 and rounded once at the end.
+LARGEST_FINITE = {"float16": 65504.0, "bfloat16": 3.3895313892515355e38}
+
+
+class StepScalars(NamedTuple):
+    """The scalars of one step, in the compute dtype of its variables."""
+
+    learning_rate: object
+    beta_1_correction: object  # 1 - beta_1^t
+    beta_2_correction: object  # 1 - beta_2^t
+    radius: object  # d
+
+
+class CurvatureSums(NamedTuple):
+    """`sum(new_m**2) * scale` and `sum(new_v) * scale` of one variable."""
+
+    sum_m_sq: object
+    sum_v: object
+    scale: object
+
+
+def bias_correction(beta: float, step):
+    """Returns `1 - beta**step` in the dtype of `step`, accurate in float32.
+
+    `beta = 0.999` rounds to float32 with a relative error of 1e-5 in
+    `1 - beta`; computing from the Python float `1 - beta` keeps it at 1e-7.
+    """
+    one_minus_beta = ops.convert_to_tensor(1.0 - beta, dtype=step.dtype)
+    return -ops.expm1(step * ops.log1p(-one_minus_beta))
+
+
+def step_scalars(learning_rate, iterations, radius, beta_1, beta_2, dtype):
+    """Returns the `StepScalars` of step `t = iterations + 1` in `dtype`."""
+    step = ops.cast(iterations + 1, dtype)
+    return StepScalars(
+        learning_rate=ops.cast(learning_rate, dtype),
+        beta_1_correction=bias_correction(beta_1, step),
+        beta_2_correction=bias_correction(beta_2, step),
+        radius=ops.cast(radius, dtype),
+    )
+
+
+def moments(m, v, gradient, beta_1: float, beta_2: float):
+    """Returns Adam's new moments `(new_m, new_v)` (not bias-corrected)."""
+    new_m = ops.add(m, ops.multiply(ops.subtract(gradient, m), 1 - beta_1))
+    new_v = ops.add(
+        v, ops.multiply(ops.subtract(ops.square(gradient), v), 1 - beta_2)
+    )
+    return new_m, new_v
+
+
+def curvature_sums(new_m, new_v) -> CurvatureSums:
+    """Returns `sum(new_m**2)` and `sum(new_v)`, rescaled if one overflows.
+
+    Both sums are taken as they are, in one pass; only when one overflows
+    (a variable of large gradients: `g**2 ~ 1e36` summed) are they taken
+    again, scaled by `s = k**2`, `k = 1 / sqrt(max(1, max(new_v)))`: the
+    ratio `c` needs is the same. The terms are multiplied by `k` twice,
+    never by `k**2`, which can be subnormal (XLA on CPU flushes subnormals
+    to zero). A non-finite `new_v` leaves the second sum non-finite either
+    way, and the step is skipped (`is_finite_step`).
+    """
+    one = ops.ones((), new_v.dtype)
+    plain = CurvatureSums(ops.sum(ops.square(new_m)), ops.sum(new_v), one)
+
+    def scaled():
+        k = ops.divide(one, ops.sqrt(ops.max(new_v, initial=1.0)))
+        return CurvatureSums(
+            ops.sum(ops.square(ops.multiply(new_m, k))),
+            ops.sum(ops.multiply(ops.multiply(new_v, k), k)),
+            ops.multiply(k, k),
+        )
+
+    return CurvatureSums(
+        *ops.cond(
+            ops.logical_and(ops.isfinite(plain[0]), ops.isfinite(plain[1])),
+            lambda: tuple(plain),
+            lambda: tuple(scaled()),
+        )
+    )
+
+
+def curvature_scale(sums: CurvatureSums, size, scalars: StepScalars, epsilon):
+    """Returns `(c, sum(v_hat + epsilon) * scale)`.
+
+    `c = 1 + sum(m_hat**2) / sum(v_hat + epsilon)`, from the sums of the new
+    moments with the bias corrections applied to the sums.
+    """
+    sum_v_hat_eps = ops.add(
+        ops.divide(sums.sum_v, scalars.beta_2_correction),
+        ops.multiply(ops.multiply(size, epsilon), sums.scale),
+    )
+    c = 1 + ops.divide(
+        ops.divide(sums.sum_m_sq, ops.square(scalars.beta_1_correction)),
+        sum_v_hat_eps,
+    )
+    return c, sum_v_hat_eps
+
+
+def step_quotient(new_m, new_v, curvature_scale, scalars: StepScalars, epsilon):
+    """Returns `q = new_m / (r + epsilon)`, `r = max(d * c * v_hat, sqrt(v_hat))`.
+
+    The step is `u = a * q` with `a = d / (1 - beta_1^t)`. The maximum is a
+    `where`: Keras 3.15's torch `maximum` computes two float64 inputs in
+    float32 (tests/test_optimizer.py runs float64). A NaN in `d * F`
+    propagates.
+    """
+    b2c = scalars.beta_2_correction
+    sqrt_v_hat = ops.multiply(ops.sqrt(new_v), ops.rsqrt(b2c))
+    scaled_fisher = ops.multiply(new_v, scalars.radius * curvature_scale / b2c)
+    denominator = ops.where(
+        ops.greater_equal(sqrt_v_hat, scaled_fisher), sqrt_v_hat, scaled_fisher
+    )
+    return ops.divide(new_m, ops.add(denominator, epsilon))
+
+
+def new_weight(theta, quotient, scalars: StepScalars, weight_decay, dtype):
+    """Returns `theta - eta * weight_decay * theta - eta * u` in `dtype`.
+
+    `weight_decay` is `None` for a variable that is not decayed. A 16-bit
+    weight saturates at its dtype's largest value instead of rounding to
+    inf: the step itself is finite in float32 (spec, "Non-finite steps").
+    """
+    lr = scalars.learning_rate
+    if weight_decay is not None:
+        theta = ops.subtract(theta, theta * ops.cast(weight_decay, theta.dtype) * lr)
+    step_scale = scalars.radius / scalars.beta_1_correction  # a
+    new_theta = ops.subtract(theta, ops.multiply(quotient, lr * step_scale))
+    largest = LARGEST_FINITE.get(keras.backend.standardize_dtype(dtype))
+    if largest is not None:
+        new_theta = ops.clip(new_theta, -largest, largest)
+    return ops.cast(new_theta, dtype)
+
+
+def predicted_reduction_sums(new_m, new_v, quotient):
+    """Returns `(sum(new_m * q), sum(new_v * q * q))` of one variable.
+
+    `new_v * q` first: `q**2` underflows float32 when `v` is huge (|g| ~
+    1e19 gives q ~ 1e-20), while `|new_v * q| <= |new_m| * b2c / d`.
+    """
+    return (
+        ops.sum(ops.multiply(new_m, quotient)),
+        ops.sum(ops.multiply(ops.multiply(new_v, quotient), quotient)),
+    )
+
+
+def predicted_reduction(alignment, curvature, scalars: StepScalars):
+    """Returns `eta * sum(m_hat * u - v_hat * u**2 / 2)` as float32.
+
+    From the two sums of `predicted_reduction_sums`: `a / b1c * alignment -
+    a**2 / (2 * b2c) * curvature`. Each term of the second is at most half
+    the first's (`v_hat * u**2 <= m_hat * u / c`): no digits lost.
+    """
+    step_scale = scalars.radius / scalars.beta_1_correction  # a
+    return ops.cast(
+        ops.multiply(
+            scalars.learning_rate,
+            ops.subtract(
+                ops.multiply(alignment, step_scale / scalars.beta_1_correction),
+                ops.multiply(
+                    curvature,
+                    ops.square(step_scale) / (2.0 * scalars.beta_2_correction),
+                ),
+            ),
+        ),
+        "float32",
+    )
+
+
+def is_finite_step(curvature_scale, sum_v_hat_eps, scalars: StepScalars):
+    """The spec's skip rule: True where a variable's step is applied.
+
+    The sums that `c` needs are finite exactly when `g` holds no NaN or inf
+    and `g**2` did not overflow; with them and a finite learning rate the
+    step is bounded (`|u| <= ~7.3 d` at the defaults), so nothing else
+    decides whether `m`, `v` and `theta` are written.
+    """
+    return ops.logical_and(
+        ops.logical_and(ops.isfinite(curvature_scale), ops.isfinite(sum_v_hat_eps)),
+        ops.isfinite(scalars.learning_rate),
+    )
+
+
+def finite_or_zero(value, is_finite):
+    """`value` where `is_finite` and it is finite, else 0 (for `p_cur`)."""
+    return ops.where(ops.logical_and(is_finite, ops.isfinite(value)), value, 0.0)
