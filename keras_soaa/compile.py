@@ -12,7 +12,7 @@ from keras import ops
 
 
 def read_value(variable):
-    """The value of `variable`, safe to keep while variables are written.
+    """The value of `variable` (or tensor), safe to keep while variables change.
 
     JAX arrays are immutable values. Elsewhere a copy: a torch variable is
     updated in place, so an alias would change under later assignments.
@@ -21,7 +21,7 @@ def read_value(variable):
     (tests/test_robustness.py::test_non_finite_losses_compiled pins it).
     """
     if keras.backend.backend() == "jax":
-        return variable.value
+        return ops.convert_to_tensor(variable)
     return ops.add(variable, ops.zeros((), variable.dtype))
 
 
