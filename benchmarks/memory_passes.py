@@ -1,0 +1,168 @@
+"""Counts the passes over memory of one optimizer step: counted, not timed.
+
+    python benchmarks/memory_passes.py [--shape 1024,1024] [--print-hlo soaa]
+
+An optimizer step on a large variable is bound by memory traffic, so its
+cost is about the number of times it reads or writes an array the size of
+the variable. This counts them for one `apply` on one variable:
+
+- TensorFlow (XLA) and JAX: in XLA's optimized HLO, every read and every
+  write of a full-size array by an instruction of the entry computation (a
+  fusion, a copy, a reduction...). Ideal Adam: 4 reads (g, m, v, theta) and
+  3 writes; XLA's is 7 reads + 3 writes on TF, and more on JAX, whose
+  `stateless_apply` returns its outputs in another order than it takes its
+  inputs (copies).
+- torch (eager): every top-level kernel that touches full-size arrays (a
+  `torch._foreach_*` call, a reduction...), reads and writes together.
+
+`tests/test_memory_passes.py` pins SOAA's counts, so that a change that adds
+a pass fails a test; the README "Performance" section reports them.
+"""
+
+import argparse
+import math
+import re
+
+_SHAPE = re.compile(r"\b[a-z]+\d*\[([\d,]*)\]")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\((.*)$")
+# Instructions that only name values (no loop over memory), and
+# `conditional`, whose branches run only when taken (SOAA's rescaled sums).
+_NO_PASS = {"parameter", "tuple", "get-tuple-element", "constant", "bitcast",
+            "conditional"}
+# torch ops that make views or no-op casts, not passes over memory.
+_TORCH_VIEWS = {"aten::to", "aten::reshape", "aten::view", "aten::_reshape_alias",
+                "aten::detach", "aten::alias", "aten::lift_fresh", "aten::t"}
+
+
+def _full_size_count(shape_text, size):
+    sizes = [math.prod(int(d) for d in dims.split(",") if d)
+             for dims in _SHAPE.findall(shape_text)]
+    return sizes.count(size)
+
+
+def entry_computation(hlo_text):
+    """The instruction lines of the ENTRY computation of an HLO module."""
+    lines = hlo_text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("ENTRY"))
+    body = []
+    for line in lines[start + 1:]:
+        if line.startswith("}"):
+            break
+        body.append(line)
+    return body
+
+
+def count_hlo_passes(hlo_text, size):
+    """Returns `(reads, writes)` of arrays of `size` elements in the entry."""
+    shapes = {}
+    reads = writes = 0
+    for line in entry_computation(hlo_text):
+        match = _INSTRUCTION.match(line)
+        if not match:
+            continue
+        name, shape_text, opcode, rest = match.groups()
+        shapes[name] = shape_text
+        if opcode in _NO_PASS:
+            continue
+        operands = re.findall(r"%([\w.\-]+)", rest.split("), ")[0])
+        reads += sum(_full_size_count(shapes.get(o, ""), size) for o in operands)
+        writes += _full_size_count(shape_text, size)
+    return reads, writes
+
+
+def jax_apply_hlo(optimizer, shape):
+    """Optimized HLO of `optimizer.stateless_apply` on one variable (JAX)."""
+    import jax
+    import keras
+    import numpy as np
+
+    variables = [keras.Variable(np.ones(shape, "float32"))]
+    optimizer.build(variables)
+    apply = jax.jit(optimizer.stateless_apply, donate_argnums=(0, 2))
+    return apply.lower(
+        [v.value for v in optimizer.variables],
+        [np.ones(shape, "float32")],
+        [v.value for v in variables],
+    ).compile().as_text()
+
+
+def tensorflow_apply_hlo(optimizer, shape):
+    """Optimized HLO of `optimizer.apply` under XLA on one variable (TF)."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    variables = [keras.Variable(np.ones(shape, "float32"))]
+    optimizer.build(variables)
+    apply = tf.function(
+        lambda grad: optimizer.apply([grad], variables), jit_compile=True
+    )
+    grad = tf.ones(shape)
+    return apply.experimental_get_compiler_ir(grad)(stage="optimized_hlo")
+
+
+def torch_full_size_kernels(optimizer, shape):
+    """Top-level torch kernels of one eager `apply` touching full-size arrays.
+
+    A `torch._foreach_*` call on one variable counts once (its inputs are
+    lists, whose shapes the profiler does not record); any other kernel
+    counts when one of its inputs has the variable's number of elements.
+    """
+    import keras
+    import numpy as np
+    import torch
+
+    variables = [keras.Variable(np.ones(shape, "float32"))]
+    grads = [keras.ops.ones(shape)]
+    optimizer.apply(grads, variables)  # builds; the counted step is the second
+    size = math.prod(shape)
+    with torch.profiler.profile(record_shapes=True) as profile:
+        optimizer.apply(grads, variables)
+    count = 0
+    for event in profile.events():
+        parent = event.cpu_parent
+        if not event.name.startswith("aten::") or event.name in _TORCH_VIEWS:
+            continue
+        if parent is not None and parent.name.startswith("aten::"):
+            continue  # a kernel inside another: counted with its caller
+        if "_foreach_" in event.name or any(
+            s and not isinstance(s[0], list) and math.prod(s) == size
+            for s in event.input_shapes
+        ):
+            count += 1
+    return count
+
+
+def count_passes(backend, optimizer, shape):
+    """Passes over memory of one `apply` of `optimizer` on `backend`.
+
+    Returns the XLA reads + writes (TensorFlow, JAX) or the full-size kernel
+    count (torch); see the module docstring.
+    """
+    if backend == "torch":
+        return torch_full_size_kernels(optimizer, shape)
+    hlo_of = {"jax": jax_apply_hlo, "tensorflow": tensorflow_apply_hlo}[backend]
+    return sum(count_hlo_passes(hlo_of(optimizer, shape), math.prod(shape)))
+
+
+def main():
+    import keras
+
+    from keras_soaa import SOAA
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shape", default="1024,1024")
+    parser.add_argument("--print-hlo", default=None, help="adam or soaa")
+    args = parser.parse_args()
+    shape = tuple(int(d) for d in args.shape.split(","))
+    backend = keras.backend.backend()
+    for name, make in (("adam", keras.optimizers.Adam),
+                       ("soaa", lambda: SOAA(total_steps=10))):
+        if args.print_hlo == name and backend != "torch":
+            hlo_of = {"jax": jax_apply_hlo, "tensorflow": tensorflow_apply_hlo}
+            print("\n".join(entry_computation(hlo_of[backend](make(), shape))))
+        print(f"{backend} {name}: {count_passes(backend, make(), shape)} passes")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""SOAA's step makes no more passes over memory than it does today.
+
+Counted, not timed (`benchmarks/memory_passes.py`): on TF and JAX, the reads
+and writes of full-size arrays in XLA's optimized HLO of one `apply`; on
+torch, the full-size kernels of one eager `apply`. Keras' Adam is counted
+the same way, which checks the counter: it must see at least Adam's
+necessary passes (read g, m, v, theta; write m, v, theta).
+"""
+
+import sys
+from pathlib import Path
+
+import keras
+from conftest import BACKEND
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+from memory_passes import count_passes  # noqa: E402
+
+from keras_soaa import SOAA  # noqa: E402
+
+SHAPE = (512, 256)
+# SOAA's counts on Keras 3.15 (README, "Performance"); Adam's for scale.
+SOAA_PASSES = {"jax": 32, "tensorflow": 30, "torch": 16}
+ADAM_PASSES = {"jax": 18, "tensorflow": 10, "torch": 10}
+
+
+def test_adam_is_counted_with_its_necessary_passes():
+    passes = count_passes(BACKEND, keras.optimizers.Adam(), SHAPE)
+    necessary = 7 if BACKEND != "torch" else 3  # torch: 3 kernels at least
+    assert necessary <= passes <= ADAM_PASSES[BACKEND]
+
+
+def test_soaa_step_makes_no_more_passes_than_pinned():
+    passes = count_passes(BACKEND, SOAA(total_steps=10), SHAPE)
+    assert passes <= SOAA_PASSES[BACKEND], (
+        f"SOAA's step on {BACKEND} makes {passes} passes over memory, more "
+        f"than the {SOAA_PASSES[BACKEND]} pinned: a change added a pass."
+    )
