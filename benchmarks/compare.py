@@ -1,8 +1,25 @@
-"""Benchmark SOAA against Keras' Adam and AdamW (and optionally Lion).
+"""Benchmark SOAA against the strongest optimizers Keras ships.
 
     python benchmarks/compare.py [--problems digits,rosenbrock] [--quick]
-        [--optimizers soaa,adam,adamw,lion] [--backend jax] [--seeds 3]
-        [--steps N] [--lrs 1e-3,3e-3,1e-2] [--out runs/benchmark]
+        [--optimizers soaa,adam,schedulefree,muon | all] [--backend jax]
+        [--seeds 3] [--steps N] [--lrs 1e-3,3e-3,1e-2] [--out runs/benchmark]
+
+Optimizers (default: soaa, soaa_cosine, adam, adam_cosine, schedulefree):
+
+- `soaa`: `keras_soaa.SOAA`, constant learning rate (the paper's setting).
+- `soaa_cosine`: SOAA with `keras.optimizers.schedules.CosineDecay` from the
+  grid's rate to 0 over the run.
+- `adam`, `adam_cosine`: Keras' Adam, constant or with the same cosine decay.
+- `adamw`: Keras' AdamW (weight decay 0.004).
+- `schedulefree`: `keras.optimizers.ScheduleFreeAdamW`. Keras keeps its
+  interpolated point y in the weights; the held-out metric is reported at y
+  and at the averaged point x = (y − (1 − β1)·z) / β1 its authors evaluate
+  (computed on the weights for the evaluation only, then y is put back).
+- `muon`: `keras.optimizers.Muon`, its AdamW fallback for non-2-D variables,
+  embeddings and (via `exclude_layers`) the output layer.
+- `lion`: `keras.optimizers.Lion`.
+
+All run with Keras' default arguments apart from the learning rate.
 
 Fair by construction: for every problem, every optimizer is trained with the
 same log-spaced learning-rate grid, the same seeds (a seed fixes the initial
@@ -10,12 +27,14 @@ weights and the batch order) and the same number of steps, through
 `model.fit`; SOAA always with `keras_soaa.TrustRegionCallback()`, which sets
 its `total_steps`. The rate kept for each optimizer is the one with the lowest
 mean final training loss over seeds (the mean loss of the last 10% of steps).
-Each (problem, optimizer) pair is compiled once: every run then starts from
-freshly initialised weights and a fresh optimizer state copied into the
-compiled model (`--no-reuse` compiles a new model per run instead).
+Each (problem, optimizer) pair is compiled once (the cosine variants once
+per learning rate: a schedule is fixed when the optimizer is made): every run
+then starts from freshly initialised weights and a fresh optimizer state
+copied into the compiled model (`--no-reuse` compiles a new model per run).
 
-Writes to `--out`: `report.md` (tables), one PNG per problem (loss vs step
-and vs wall-clock, the learning-rate sweep, SOAA's radius with its bounds)
+Writes to `--out`: `report.md` (tables, and SOAA against the strongest
+optimizer of each problem), one PNG per problem (loss vs step and vs
+wall-clock, the learning-rate sweep, SOAA's radius with its bounds)
 and `results.json` (every run's curves; `python benchmarks/report.py DIR`
 redraws the report from it).
 """
@@ -28,8 +47,10 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-OPTIMIZERS = ("soaa", "adam", "adamw", "lion")
-DEFAULT_OPTIMIZERS = ("soaa", "adam", "adamw")
+OPTIMIZERS = ("soaa", "soaa_cosine", "adam", "adam_cosine", "adamw",
+              "schedulefree", "muon", "lion")
+DEFAULT_OPTIMIZERS = ("soaa", "soaa_cosine", "adam", "adam_cosine",
+                      "schedulefree")
 QUICK_STEPS = 10
 
 
@@ -40,7 +61,8 @@ def parse_args(argv=None):
     parser.add_argument("--problems", default="all",
                         help="comma-separated problem names, or 'all'")
     parser.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS),
-                        help=f"comma-separated, from {', '.join(OPTIMIZERS)}")
+                        help=f"comma-separated, from {', '.join(OPTIMIZERS)}; "
+                        "or 'all'")
     parser.add_argument("--backend", default=None,
                         help="tensorflow, jax or torch (default: "
                         "$KERAS_BACKEND, else jax)")
@@ -60,7 +82,10 @@ def parse_args(argv=None):
     parser.add_argument("--no-reuse", dest="reuse", action="store_false",
                         help="compile a new model for every run")
     args = parser.parse_args(argv)
-    args.optimizers = [name.strip() for name in args.optimizers.split(",")]
+    if args.optimizers.strip() == "all":
+        args.optimizers = list(OPTIMIZERS)
+    else:
+        args.optimizers = [name.strip() for name in args.optimizers.split(",")]
     unknown = sorted(set(args.optimizers) - set(OPTIMIZERS))
     if unknown:
         parser.error(f"unknown optimizer(s) {unknown}; choose from {OPTIMIZERS}")

@@ -24,7 +24,9 @@ import math
 import re
 
 _SHAPE = re.compile(r"\b[a-z]+\d*\[([\d,]*)\]")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\((.*)$")
+_INSTRUCTION = re.compile(
+    r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\((.*)$"
+)
 # Instructions that only name values (no loop over memory), and
 # `conditional`, whose branches run only when taken (SOAA's rescaled sums).
 _NO_PASS = {"parameter", "tuple", "get-tuple-element", "constant", "bitcast",

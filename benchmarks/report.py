@@ -16,9 +16,30 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
-NAMES = {"soaa": "SOAA", "adam": "Adam", "adamw": "AdamW", "lion": "Lion"}
-COLORS = {"soaa": "tab:red", "adam": "tab:blue", "adamw": "tab:green",
-          "lion": "tab:purple"}
+NAMES = {
+    "soaa": "SOAA",
+    "soaa_cosine": "SOAA + cosine",
+    "adam": "Adam",
+    "adam_cosine": "Adam + cosine",
+    "adamw": "AdamW",
+    "schedulefree": "ScheduleFreeAdamW",
+    "muon": "Muon",
+    "lion": "Lion",
+}
+COLORS = {
+    "soaa": "tab:red",
+    "soaa_cosine": "tab:orange",
+    "adam": "tab:blue",
+    "adam_cosine": "tab:cyan",
+    "adamw": "tab:green",
+    "schedulefree": "tab:purple",
+    "muon": "tab:brown",
+    "lion": "tab:olive",
+}
+SOAA_VARIANTS = ("soaa", "soaa_cosine")
+# The loss and sweep panels show SOAA's variants and this many of the others,
+# the strongest first (every optimizer stays in the tables).
+PLOTTED_OTHERS = 2
 RADIUS_BOUND = 0.1  # SOAA's default `radius_bound` (γ), used by every run
 
 
@@ -88,7 +109,15 @@ def summarize(entry):
         held_out = [r["held_out"] for r in tuned]
         if info["held_out_name"] and all(h is not None for h in held_out):
             item["held_out"] = _mean_std(held_out)
-        if optimizer == "soaa" and not sweep[tuned_key]["diverged"]:
+        # ScheduleFreeAdamW: also at its averaged point x.
+        held_out_x = [r.get("held_out_x") for r in tuned]
+        item["held_out_x"] = (
+            _mean_std(held_out_x)
+            if item["held_out"] is not None
+            and all(h is not None for h in held_out_x)
+            else None
+        )
+        if optimizer in SOAA_VARIANTS and not sweep[tuned_key]["diverged"]:
             fractions = np.array(
                 [bound_fractions(r["radius"], info["steps"]) for r in tuned]
             )
@@ -101,6 +130,8 @@ def summarize(entry):
         if not sweep[tuned_key]["diverged"]:
             item["curve"] = np.mean([r["loss"] for r in tuned], axis=0)
         summary[optimizer] = item
+    for rank, optimizer in enumerate(ranking(summary), start=1):
+        summary[optimizer]["rank"] = rank
     target = summary.get("adam", {}).get("final", {}).get("mean", math.inf)
     for item in summary.values():
         item["steps_to_adam"] = None
@@ -113,17 +144,32 @@ def summarize(entry):
     return summary
 
 
-def verdict(summary):
-    """SOAA against the better of Adam and AdamW on the final training loss.
+def ranking(summary):
+    """The optimizers from the lowest mean final training loss up.
 
-    A tie when the gap is within the sum of the two standard deviations over
-    seeds, or within 2% of the baseline's loss.
+    Diverged ones come last; ties keep the run's order.
     """
-    baselines = [o for o in ("adam", "adamw") if o in summary]
-    if "soaa" not in summary or not baselines:
+    return sorted(summary, key=lambda o: summary[o]["final"]["mean"])
+
+
+def strongest(summary, exclude=()):
+    """The optimizer with the lowest mean final loss, of those not excluded."""
+    candidates = [o for o in ranking(summary) if o not in exclude]
+    return candidates[0] if candidates else None
+
+
+def verdict(summary, soaa="soaa"):
+    """A SOAA variant against the strongest other optimizer on final loss.
+
+    "Other" excludes both SOAA variants, so the comparison is always with
+    something a user could pick instead. A tie when the gap is within the sum
+    of the two standard deviations over seeds, or within 2% of the other's
+    loss. Returns `(word, other)` or `None`.
+    """
+    best = strongest(summary, exclude=SOAA_VARIANTS)
+    if soaa not in summary or best is None:
         return None
-    best = min(baselines, key=lambda o: summary[o]["final"]["mean"])
-    soaa, other = summary["soaa"]["final"], summary[best]["final"]
+    soaa, other = summary[soaa]["final"], summary[best]["final"]
     if not math.isfinite(soaa["mean"]) or not math.isfinite(other["mean"]):
         word = ("ties" if soaa["mean"] == other["mean"]
                 else "wins" if soaa["mean"] < other["mean"] else "loses")
@@ -156,15 +202,24 @@ def _plain_log_ticks(axis):
     target.set_minor_formatter(ticker.FuncFormatter(minor))
 
 
+def plotted(summary):
+    """SOAA's variants and the `PLOTTED_OTHERS` strongest other optimizers."""
+    others = [o for o in ranking(summary) if o not in SOAA_VARIANTS]
+    keep = set(others[:PLOTTED_OTHERS]) | set(SOAA_VARIANTS)
+    return [o for o in ranking(summary) if o in keep]
+
+
 def plot_problem(name, entry, summary, path):
     info = entry["problem"]
     steps = info["steps"]
     window = 1 if info["exact_gradients"] else max(1, steps // 50)
     figure, axes = plt.subplots(2, 2, figsize=(11, 7.6))
     (by_step, by_time), (by_lr, radius) = axes
-    for optimizer, item in summary.items():
+    shown = plotted(summary)
+    for optimizer in shown:
+        item = summary[optimizer]
         color, label = COLORS[optimizer], NAMES[optimizer]
-        label = f"{label} (lr {item['lr']:g})"
+        label = f"#{item['rank']} {label} (lr {item['lr']:g})"
         if item["final"]["diverged"]:
             continue
         curves = _smoothed(item["runs"], "loss", window)
@@ -183,7 +238,8 @@ def plot_problem(name, entry, summary, path):
                 title="training loss vs wall-clock")
     by_step.legend(fontsize=8)
 
-    for optimizer, item in summary.items():
+    for optimizer in shown:
+        item = summary[optimizer]
         lrs = [s["lr"] for s in item["sweep"].values()]
         means = [s["mean"] for s in item["sweep"].values()]
         lows = [min(r["final_loss"] or math.inf for r in rs)
@@ -205,20 +261,25 @@ def plot_problem(name, entry, summary, path):
               title="learning-rate sweep (mean, min-max; ★ tuned)")
     by_lr.legend(fontsize=8)
 
-    soaa = summary.get("soaa")
-    if soaa and not soaa["final"]["diverged"]:
+    variants = [o for o in SOAA_VARIANTS
+                if o in summary and not summary[o]["final"]["diverged"]]
+    if variants:
         lower, upper = radius_bounds(steps, steps)
         x = np.arange(1, steps + 1)
-        for i, record in enumerate(soaa["runs"]):
-            radius.plot(x, record["radius"], color=COLORS["soaa"], lw=0.8,
-                        alpha=0.8, label="radius (one line per seed)"
-                        if i == 0 else None)
+        titles = []
+        for optimizer in variants:
+            item = summary[optimizer]
+            for i, record in enumerate(item["runs"]):
+                radius.plot(x, record["radius"], color=COLORS[optimizer],
+                            lw=0.8, alpha=0.7,
+                            label=f"{NAMES[optimizer]} (lr {item['lr']:g}), "
+                            "one line per seed" if i == 0 else None)
+            on_lower, on_upper = item["bounds"]
+            titles.append(f"{NAMES[optimizer]}: on lower / upper bound "
+                          f"{on_lower:.0%} / {on_upper:.0%} of steps")
         radius.plot(x, lower, "k--", lw=1, label="bounds (1−γ)^e, 1+γ^e")
         radius.plot(x, upper, "k--", lw=1)
-        on_lower, on_upper = soaa["bounds"]
-        radius.set_title(
-            f"SOAA radius, lr {soaa['lr']:g}: on lower bound {on_lower:.0%}, "
-            f"upper {on_upper:.0%} of steps", fontsize=10)
+        radius.set_title("radius d. " + "\n".join(titles), fontsize=9)
         radius.legend(fontsize=8, loc="upper right")
     else:
         radius.text(0.5, 0.5, "SOAA not run (or diverged)", ha="center",
@@ -230,11 +291,16 @@ def plot_problem(name, entry, summary, path):
             axis.set_yscale("linear")  # a narrow range reads better linear
         else:
             _plain_log_ticks(axis)
-    grid = sorted({s["lr"] for item in summary.values()
-                   for s in item["sweep"].values()})
+    grid = sorted({s["lr"] for o in shown
+                   for s in summary[o]["sweep"].values()})
     by_lr.set_xticks(grid, [f"{lr:g}" for lr in grid], fontsize=8)
     by_lr.xaxis.set_minor_locator(ticker.NullLocator())
-    figure.suptitle(name, fontsize=13)
+    hidden = len(summary) - len(shown)
+    figure.suptitle(
+        name + (f": SOAA and the {PLOTTED_OTHERS} strongest other optimizers "
+                f"(#rank by final train loss of {len(summary)}; all in the "
+                "report)" if hidden else ""),
+        fontsize=12)
     figure.tight_layout()
     save_small_png(figure, path)
     plt.close(figure)
@@ -269,20 +335,24 @@ def _final_text(final):
 
 
 def table(results, summaries):
+    """The main table: per problem, its optimizers from the best down."""
     lines = [
-        "| problem | optimizer | tuned lr | final train loss | steps to Adam's "
-        "final loss | held-out metric | ms/step | radius: mean (on lower / upper "
-        "bound) | weights in the Fisher regime |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| problem | optimizer | rank | tuned lr | final train loss | steps to "
+        "Adam's final loss | held-out metric | ms/step | radius: mean (on lower "
+        "/ upper bound) | weights in the Fisher regime |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, summary in summaries.items():
         info = results[name]["problem"]
-        for optimizer, item in summary.items():
+        for optimizer in ranking(summary):
+            item = summary[optimizer]
             steps = item["steps_to_adam"]
             held_out = "—"
             if item["held_out"] is not None:
                 metric = info["held_out_name"].replace("held-out ", "")
                 held_out = f"{_mean_std_text(item['held_out'])} {metric}"
+                if item["held_out_x"] is not None:
+                    held_out += f" (at x: {_mean_std_text(item['held_out_x'])})"
             bounds = fisher = "—"
             if item.get("fisher_share") is not None:
                 fisher = f"{item['fisher_share']:.1%}"
@@ -290,7 +360,8 @@ def table(results, summaries):
                 bounds = (f"{item['mean_radius']:.2f} ({item['bounds'][0]:.0%} / "
                           f"{item['bounds'][1]:.0%})")
             lines.append(
-                f"| {name} | {NAMES[optimizer]} | {item['lr']:g}"
+                f"| {name} | {NAMES[optimizer]} | {item['rank']} / {len(summary)}"
+                f" | {item['lr']:g}"
                 f"{' (grid edge)' if item['at_edge'] else ''} | "
                 f"{_final_text(item['final'])} | "
                 f"{'not reached' if steps is None else steps} / {info['steps']} | "
@@ -319,6 +390,28 @@ def sweep_table(summary):
     return lines
 
 
+def verdict_line(name, summary):
+    """One line of the verdict: the problem's best, and each SOAA variant."""
+    best = strongest(summary)
+    if best is None:
+        return None
+    parts = []
+    for soaa in SOAA_VARIANTS:
+        found = verdict(summary, soaa)
+        if found:
+            word, other = found
+            parts.append(
+                f"{NAMES[soaa]} (rank {summary[soaa]['rank']} of {len(summary)}) "
+                f"{word} against {NAMES[other]} "
+                f"({_final_text(summary[soaa]['final'])} vs "
+                f"{_final_text(summary[other]['final'])})"
+            )
+    if not parts:
+        return None
+    return (f"- **{name}**: best {NAMES[best]} "
+            f"({_final_text(summary[best]['final'])}). " + "; ".join(parts) + ".")
+
+
 def write(results, config, out_dir):
     """Writes `report.md` and one PNG per problem; returns the file names."""
     summaries = {name: summarize(entry) for name, entry in results.items()}
@@ -330,32 +423,54 @@ def write(results, config, out_dir):
 
     versions = ", ".join(f"{k} {v}" for k, v in config["versions"].items())
     seeds = config["seeds"]
+    run = [NAMES[o] for o in config["optimizers"]]
     lines = [
-        "# SOAA vs Adam / AdamW",
+        "# SOAA against Keras' optimizers",
         "",
         f"`{config['command'].strip()}`: backend **{config['backend']}** "
         f"({versions}), {config['machine']}, {len(seeds)} seed(s) "
         f"({', '.join(map(str, seeds))}), {config['minutes']:.1f} minutes"
         f"{' (quick smoke run: numbers mean nothing)' if config['quick'] else ''}.",
         "",
-        "Every optimizer gets the same learning-rate grid, seeds (a seed fixes "
-        "the initial weights and the batch order) and steps, through "
-        "`model.fit`; SOAA with `TrustRegionCallback` (which sets "
-        "`total_steps`) and its default `radius_bound` γ = 0.1. Keras' Adam, "
-        "AdamW and Lion run with their default arguments (AdamW: weight decay "
-        "0.004).",
+        f"Optimizers: {', '.join(run)}. Every optimizer gets the same "
+        "learning-rate grid, seeds (a seed fixes the initial weights and the "
+        "batch order) and steps, through `model.fit`; SOAA with "
+        "`TrustRegionCallback` (which sets `total_steps`) and its default "
+        "`radius_bound` γ = 0.1. Keras' optimizers run with their default "
+        "arguments apart from the learning rate (AdamW, Muon: weight decay "
+        "0.004; ScheduleFreeAdamW: no weight decay, no warmup; Muon: its AdamW "
+        "step for non-2-D variables, embeddings and the output layer). "
+        "*+ cosine*: the learning rate follows "
+        "`keras.optimizers.schedules.CosineDecay` from the grid's rate to 0 "
+        "at the last step.",
         "",
+        *([] if config["backend"] == "jax" or "schedulefree"
+          not in config["optimizers"] else [
+            f"Note: on {config['backend']}, Keras 3.15's ScheduleFreeAdamW is "
+            "not the paper's update: it recovers x_old from y_old with the "
+            "already updated z (its `momentum.value` is read after "
+            "`assign_sub` changed it in place). On JAX it follows the paper.",
+            "",
+        ]),
+        "- **rank**: by mean final train loss among the optimizers of the "
+        "problem (rows are in that order).",
         "- **final train loss**: the mean training loss of the last 10% of "
         "steps, mean ± sample std over seeds. The **tuned lr** is the grid point with "
         "the lowest mean final train loss, for every optimizer alike; "
-        "*(grid edge)* marks a rate at the end of the grid.",
+        "*(grid edge)* marks a rate at the end of the grid. For "
+        "ScheduleFreeAdamW it is the loss at the point Keras trains, y.",
         "- **steps to Adam's final loss**: the first step at which the "
         "seed-averaged loss, averaged over the same trailing window, reaches "
         "tuned Adam's final train loss.",
-        "- **held-out metric**: of the tuned runs, mean ± sample std over seeds.",
+        "- **held-out metric**: of the tuned runs, mean ± sample std over seeds. "
+        "ScheduleFreeAdamW: at the weights Keras leaves in the model (the "
+        "interpolated point y) and *at x*, the averaged point "
+        "x = (y − (1 − β1)·z) / β1 that its authors evaluate.",
         "- **ms/step**: median over all of the optimizer's runs of `fit`'s wall "
         "time per step after compilation, callbacks included (SOAA's "
-        "`TrustRegionCallback` runs an eager update after every batch).",
+        "`TrustRegionCallback` hands each batch's loss to SOAA's controller "
+        "with one compiled call and reads back a few scalars after every "
+        "batch; the benchmark's recorder reads every optimizer's batch loss).",
         "- **radius**: SOAA's trust-region radius d (it multiplies the step) "
         "in the tuned runs: its mean over steps and seeds, and the share of "
         "steps after which it equals its lower bound (1 − γ)^e or its upper "
@@ -369,20 +484,13 @@ def write(results, config, out_dir):
         *table(results, summaries),
         "",
     ]
-    verdicts = []
-    for name, summary in summaries.items():
-        found = verdict(summary)
-        if found:
-            word, best = found
-            verdicts.append(
-                f"- **{name}**: SOAA {word} against {NAMES[best]} "
-                f"({_final_text(summary['soaa']['final'])} vs "
-                f"{_final_text(summary[best]['final'])})."
-            )
+    verdicts = [line for name, summary in summaries.items()
+                if (line := verdict_line(name, summary))]
     if verdicts:
         lines += [
-            "SOAA against the better of Adam and AdamW on final train loss (a "
-            "tie: the gap is within the sum of the two stds, or within 2%):",
+            "SOAA against the strongest optimizer of each problem that is not "
+            "SOAA, on final train loss (a tie: the gap is within the sum of "
+            "the two stds, or within 2%):",
             "",
             *verdicts,
             "",

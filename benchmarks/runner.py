@@ -1,5 +1,6 @@
 """Trains one (problem, optimizer) pair over the learning-rate grid and seeds."""
 
+import re
 import time
 
 import keras
@@ -8,18 +9,103 @@ from keras import ops
 
 import keras_soaa
 
+# `*_cosine` runs the same optimizer with its learning rate decayed to 0 over
+# the run by `keras.optimizers.schedules.CosineDecay` (peak: the grid's rate).
+SOAA_VARIANTS = ("soaa", "soaa_cosine")
 
-def make_optimizer(name, learning_rate):
-    """Keras' own optimizers with their default arguments, or SOAA."""
-    if name == "soaa":
+
+def is_soaa(name):
+    return name in SOAA_VARIANTS
+
+
+def is_scheduled(name):
+    """Its learning rate is a schedule, fixed when the optimizer is built."""
+    return name.endswith("_cosine")
+
+
+def cosine_to_zero(learning_rate, steps):
+    """Cosine decay from `learning_rate` at step 0 to 0 at step `steps`."""
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=learning_rate, decay_steps=steps, alpha=0.0
+    )
+
+
+def muon_output_layer(model):
+    """The `exclude_layers` entry that gives the output layer's kernel to AdamW.
+
+    Muon's docstring: non-2-D variables and embeddings always take its AdamW
+    step; "typically, you only need to pass the name of your densely-connected
+    output layer to `exclude_layers`". The output layer's kernel is the last
+    2-D trainable variable; the pattern matches its path exactly.
+    """
+    matrices = [v for v in model.trainable_variables if len(v.shape) == 2]
+    return ["^" + re.escape(matrices[-1].path) + "$"] if matrices else []
+
+
+def make_optimizer(name, learning_rate, steps=None, model=None):
+    """Keras' own optimizers with their default arguments, or SOAA.
+
+    `steps` (the run's length) is needed by the cosine schedules, `model` by
+    Muon (its output layer takes the AdamW fallback).
+    """
+    if is_scheduled(name):
+        if steps is None:
+            raise ValueError(f"{name} needs the run's number of steps")
+        learning_rate = cosine_to_zero(learning_rate, steps)
+    if name in SOAA_VARIANTS:
         return keras_soaa.SOAA(learning_rate=learning_rate)
-    if name == "adam":
+    if name in ("adam", "adam_cosine"):
         return keras.optimizers.Adam(learning_rate=learning_rate)
     if name == "adamw":
         return keras.optimizers.AdamW(learning_rate=learning_rate)
+    if name == "schedulefree":
+        return keras.optimizers.ScheduleFreeAdamW(learning_rate=learning_rate)
+    if name == "muon":
+        if model is None:
+            raise ValueError("muon needs the model (to exclude its output layer)")
+        return keras.optimizers.Muon(learning_rate=learning_rate,
+                                     exclude_layers=muon_output_layer(model))
     if name == "lion":
         return keras.optimizers.Lion(learning_rate=learning_rate)
     raise ValueError(f"unknown optimizer {name!r}")
+
+
+def schedule_free_x(optimizer, variables):
+    """ScheduleFreeAdamW's averaged point x, as NumPy arrays, per variable.
+
+    Keras keeps the interpolated point y = (1 − β1)·z + β1·x in the model's
+    weights and z in the optimizer's `momentum` variables, so
+    x = (y − (1 − β1)·z) / β1, the point the method's authors evaluate.
+    Computed in float64 from the current values; nothing is changed. (On
+    TensorFlow and torch, Keras 3.15's update recovers x_old with the
+    already-updated z, so there x is Keras' averaged sequence, which departs
+    from the paper's; on JAX the two agree.)
+    """
+    beta_1 = float(optimizer.beta_1)
+    points = []
+    for variable in variables:
+        z = optimizer._momentums[optimizer._get_variable_index(variable)]
+        y = ops.convert_to_numpy(variable).astype("float64")
+        z = ops.convert_to_numpy(z).astype("float64")
+        points.append(((y - (1 - beta_1) * z) / beta_1).astype(variable.dtype))
+    return points
+
+
+def evaluate_at(model, values, function):
+    """`function(model)` with the trainable weights set to `values`.
+
+    The weights in place before (ScheduleFreeAdamW's y) are put back
+    afterwards, exactly, so training could go on undisturbed.
+    """
+    variables = model.trainable_variables
+    saved = [ops.convert_to_numpy(v) for v in variables]
+    try:
+        for variable, value in zip(variables, values):
+            variable.assign(value)
+        return function(model)
+    finally:
+        for variable, value in zip(variables, saved):
+            variable.assign(value)
 
 
 class Recorder(keras.callbacks.Callback):
@@ -96,8 +182,8 @@ def steps_per_epoch(problem):
 
 
 def _fit(model, problem, optimizer_name, x, y, steps, chunk):
-    callbacks = [Recorder(probe_every=10 if optimizer_name == "soaa" else 0)]
-    if optimizer_name == "soaa":
+    callbacks = [Recorder(probe_every=10 if is_soaa(optimizer_name) else 0)]
+    if is_soaa(optimizer_name):
         callbacks.insert(0, keras_soaa.TrustRegionCallback())
     model.fit(
         x, y, batch_size=problem.batch_size, epochs=steps // chunk,
@@ -111,14 +197,15 @@ def _fresh_start(model, problem, optimizer_name, learning_rate, seed):
     keras.utils.set_random_seed(seed)
     fresh = problem.build_model(seed)
     model.set_weights(fresh.get_weights())
-    optimizer = make_optimizer(optimizer_name, learning_rate)
+    optimizer = make_optimizer(optimizer_name, learning_rate, problem.steps,
+                               model)
     optimizer.build(model.trainable_variables)
     target = model.optimizer
     if len(target.variables) != len(optimizer.variables):
         raise RuntimeError("optimizer state layouts differ")
     for variable, value in zip(target.variables, optimizer.variables):
         variable.assign(value)
-    if optimizer_name == "soaa":
+    if is_soaa(optimizer_name):
         # Let `TrustRegionCallback` set it from this `fit`, as in a fresh run.
         target.total_steps = None
 
@@ -128,8 +215,11 @@ def _compiled_model(problem, optimizer_name, learning_rate, seed, chunk,
     """A new compiled model, warmed up (compiled) by a short `fit`."""
     keras.utils.set_random_seed(seed)
     model = problem.build_model(seed)
-    model.compile(optimizer=make_optimizer(optimizer_name, learning_rate),
-                  loss=problem.loss(), run_eagerly=run_eagerly)
+    model.compile(
+        optimizer=make_optimizer(optimizer_name, learning_rate, problem.steps,
+                                 model),
+        loss=problem.loss(), run_eagerly=run_eagerly,
+    )
     x, y = problem.stream(seed, chunk)
     _fit(model, problem, optimizer_name, x, y, chunk, chunk)
     return model
@@ -143,7 +233,7 @@ def run(model, problem, optimizer_name, learning_rate, seed):
     start = time.perf_counter()
     recorder = _fit(model, problem, optimizer_name, x, y, problem.steps, chunk)
     seconds = time.perf_counter() - start - recorder.probe_seconds
-    if optimizer_name == "soaa" and model.optimizer.total_steps != problem.steps:
+    if is_soaa(optimizer_name) and model.optimizer.total_steps != problem.steps:
         raise RuntimeError(
             f"SOAA ran with total_steps={model.optimizer.total_steps}, "
             f"expected {problem.steps}"
@@ -152,6 +242,10 @@ def run(model, problem, optimizer_name, learning_rate, seed):
     window = final_window(problem.steps)
     final = float(np.mean(losses[-window:]))
     held_out = problem.held_out(model) if np.isfinite(final) else None
+    held_out_x = None
+    if optimizer_name == "schedulefree" and held_out is not None:
+        points = schedule_free_x(model.optimizer, model.trainable_variables)
+        held_out_x = evaluate_at(model, points, problem.held_out)
     return {
         "seed": seed,
         "loss": recorder.losses,
@@ -160,6 +254,7 @@ def run(model, problem, optimizer_name, learning_rate, seed):
         "fisher_share": recorder.fisher or None,
         "final_loss": final if np.isfinite(final) else None,
         "held_out": held_out,
+        "held_out_x": held_out_x,
         "ms_per_step": 1000 * seconds / problem.steps,
     }
 
@@ -182,13 +277,21 @@ class Counter:
 
 def sweep(problem, optimizer_name, learning_rates, seeds, reuse=True,
           counter=None):
-    """Runs every (learning rate, seed); returns {lr: [record per seed]}."""
+    """Runs every (learning rate, seed); returns {lr: [record per seed]}.
+
+    With `reuse`, one compiled model serves every run; for an optimizer with a
+    learning-rate schedule (fixed at construction, not an optimizer variable
+    that a fresh start can copy) one compiled model serves every seed of a
+    rate.
+    """
     counter = counter or Counter(len(learning_rates) * len(seeds))
     chunk = steps_per_epoch(problem)
     model = None
     runs = {}
     for learning_rate in learning_rates:
         runs[repr(learning_rate)] = []
+        if is_scheduled(optimizer_name):
+            model = None
         for seed in seeds:
             if model is None or not reuse:
                 model = _compiled_model(problem, optimizer_name, learning_rate,
@@ -203,12 +306,14 @@ def sweep(problem, optimizer_name, learning_rates, seeds, reuse=True,
 def progress_line(number, problem, optimizer_name, learning_rate, record):
     final = record["final_loss"]
     parts = [
-        f"{number} {problem.name:<13} {optimizer_name:<5} lr={learning_rate:<6g}"
+        f"{number} {problem.name:<13} {optimizer_name:<12} lr={learning_rate:<6g}"
         f" seed={record['seed']}",
         "final loss " + ("diverged" if final is None else f"{final:.4g}"),
     ]
     if record["held_out"] is not None:
         parts.append(f"{problem.held_out_name} {record['held_out']:.4g}")
+    if record.get("held_out_x") is not None:
+        parts.append(f"at x {record['held_out_x']:.4g}")
     if record["radius"]:
         parts.append(f"radius {record['radius'][-1]:.3f}")
     parts.append(f"{record['ms_per_step']:.2f} ms/step")
