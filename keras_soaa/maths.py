@@ -15,6 +15,9 @@ predicted = predicted_reduction(*predicted_reduction_sums(new_m, new_v, q), scal
 ok        = is_finite_step(c, sum_v_hat_eps, scalars)
 ```
 
+and, for the hypergradient controller, `hypergradient_sums(g,
+previous_step_quotient(m, v, scalars, epsilon))` from the old moments.
+
 The bias corrections are folded into scalars (`m_hat`, `v_hat` and `u` are
 never made as arrays): with `q = new_m / (r + epsilon)` and `a = d / (1 -
 beta_1^t)`, the step is `u = a * q`. Every function takes arrays of one
@@ -40,6 +43,7 @@ class StepScalars(NamedTuple):
     beta_1_correction: object  # 1 - beta_1^t
     beta_2_correction: object  # 1 - beta_2^t
     radius: object  # d
+    previous_beta_2_correction: object  # 1 - beta_2^(t-1); 1 at t = 1
 
 
 class CurvatureSums(NamedTuple):
@@ -62,12 +66,17 @@ def bias_correction(beta: float, step):
 
 def step_scalars(learning_rate, iterations, radius, beta_1, beta_2, dtype):
     """Returns the `StepScalars` of step `t = iterations + 1` in `dtype`."""
-    step = ops.cast(iterations + 1, dtype)
+    previous_step = ops.cast(iterations, dtype)
+    step = previous_step + 1
     return StepScalars(
         learning_rate=ops.cast(learning_rate, dtype),
         beta_1_correction=bias_correction(beta_1, step),
         beta_2_correction=bias_correction(beta_2, step),
         radius=ops.cast(radius, dtype),
+        # At t = 1, v = 0 and any nonzero value gives q_prev = 0.
+        previous_beta_2_correction=ops.where(
+            previous_step > 0, bias_correction(beta_2, previous_step), 1.0
+        ),
     )
 
 
@@ -209,6 +218,31 @@ def is_finite_step(curvature_scale, sum_v_hat_eps, scalars: StepScalars):
     return ops.logical_and(
         ops.logical_and(ops.isfinite(curvature_scale), ops.isfinite(sum_v_hat_eps)),
         ops.isfinite(scalars.learning_rate),
+    )
+
+
+def previous_step_quotient(m, v, scalars: StepScalars, epsilon):
+    """Returns `q_prev = m / (sqrt(v / (1 - beta_2^(t-1))) + epsilon)`.
+
+    From the moments before this step's update: the previous step's Adam
+    direction `m_hat / (sqrt(v_hat) + epsilon)` times the positive scalar
+    `1 - beta_1^(t-1)`, which cancels from the hypergradient's cosine. Zero
+    at `t = 1` (`m = 0`).
+    """
+    scale = ops.rsqrt(scalars.previous_beta_2_correction)
+    return ops.divide(m, ops.add(ops.multiply(ops.sqrt(v), scale), epsilon))
+
+
+def hypergradient_sums(gradient, previous_quotient):
+    """Returns `(sum(g * q_prev), sum(g**2), sum(q_prev**2))` of one variable.
+
+    The hypergradient controller's inputs: the cosine between this step's
+    gradient and the previous step's direction, summed over variables.
+    """
+    return (
+        ops.sum(ops.multiply(gradient, previous_quotient)),
+        ops.sum(ops.square(gradient)),
+        ops.sum(ops.square(previous_quotient)),
     )
 
 

@@ -11,11 +11,18 @@ from keras_soaa.compile import CompiledCache, compile_state_update, read_value
 
 # Bumped whenever the optimizer's variables change (number, order, meaning),
 # so that a file saved by a newer keras-soaa is refused, not mis-loaded: Keras
-# restores optimizer variables by position.
-STATE_LAYOUT_VERSION = 1
+# restores optimizer variables by position. Version 1: the paper controller's
+# five scalars; version 2 adds the hypergradient controller's three sums
+# (only `controller="hypergradient"` has them: a version-1 file is a paper
+# one and loads as before).
+STATE_LAYOUT_VERSION = 2
 
 # The controller's scalar variables, in the order they are created and saved.
 SCALAR_STATE_NAMES = trust_region.STATE_NAMES
+# The hypergradient controller's per-step sums, created after them.
+HYPERGRADIENT_SUM_NAMES = tuple(
+    f"hypergradient_{name}" for name in trust_region.HypergradientSums._fields
+)
 
 
 def moment_dtype(dtype):
@@ -129,6 +136,10 @@ class SOAA(keras.optimizers.Optimizer):
         radius_bound=0.1,
         total_steps=None,
         initial_radius=1.0,
+        controller="paper",
+        radius_learning_rate=0.05,
+        min_radius=0.1,
+        max_radius=10.0,
         weight_decay=None,
         clipnorm=None,
         clipvalue=None,
@@ -144,6 +155,10 @@ class SOAA(keras.optimizers.Optimizer):
         validation.validate_hyperparameters(
             learning_rate, beta_1, beta_2, epsilon, radius_bound, total_steps,
             initial_radius, weight_decay,
+        )
+        validation.validate_controller(
+            controller, radius_learning_rate, min_radius, max_radius,
+            initial_radius,
         )
         if validation.is_real_number(learning_rate):
             # The base class takes Python floats only; an int or a NumPy
@@ -171,6 +186,10 @@ class SOAA(keras.optimizers.Optimizer):
         self.radius_bound = float(radius_bound)
         self.total_steps = None if total_steps is None else int(total_steps)
         self.initial_radius = float(initial_radius)
+        self.controller_name = controller
+        self.radius_learning_rate = float(radius_learning_rate)
+        self.min_radius = float(min_radius)
+        self.max_radius = float(max_radius)
         # Python-side bookkeeping for the one-time "no loss is ever observed"
         # warning (see the class docstring); not part of the saved state.
         self._loss_observer_attached = False
@@ -215,6 +234,15 @@ class SOAA(keras.optimizers.Optimizer):
                 name=name,
             )
             setattr(self, f"_{name}", variable)
+        self._hypergradient_sums = None
+        if self.controller_name == "hypergradient":
+            self._hypergradient_sums = trust_region.HypergradientSums(*(
+                self.add_variable(
+                    shape=(), initializer="zeros", dtype="float32",
+                    aggregation="only_first_replica", name=name,
+                )
+                for name in HYPERGRADIENT_SUM_NAMES
+            ))
 
     def apply(self, grads, trainable_variables=None):
         """Applies one step (see `keras.optimizers.Optimizer.apply`).
@@ -241,6 +269,7 @@ class SOAA(keras.optimizers.Optimizer):
             or self._loss_observer_attached
             or self._loss_observed
             or self.total_steps is not None
+            or self.controller_name != "paper"  # adapts without losses
         ):
             return
         self._warned_no_loss_observed = True
@@ -280,13 +309,22 @@ class SOAA(keras.optimizers.Optimizer):
         """What `predicted_reduction` was at the last observation."""
         return self._previous_predicted_reduction
 
-    def controller(self) -> trust_region.PaperController:
+    def controller(self):
         """The controller for the current hyperparameters.
 
-        A pure `(state, loss, iterations) -> state` (see
-        `trust_region.observe`), hashable: equal configurations give equal
-        controllers. `observe_loss` and `TrustRegionCallback` run it.
+        A pure `(state, loss, iterations) -> state` that observes one loss
+        (`trust_region.PaperController` or
+        `trust_region.HypergradientController`), hashable: equal
+        configurations give equal controllers. `observe_loss` and
+        `TrustRegionCallback` run it.
         """
+        if self.controller_name == "hypergradient":
+            return trust_region.HypergradientController(
+                radius_learning_rate=self.radius_learning_rate,
+                min_radius=self.min_radius,
+                max_radius=self.max_radius,
+                beta_1=self.beta_1,
+            )
         return trust_region.PaperController(
             total_steps=self.total_steps,
             radius_bound=self.radius_bound,
@@ -307,26 +345,40 @@ class SOAA(keras.optimizers.Optimizer):
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         fused = backends.fused_update_step()
-        if fused is not None:
-            self._fused_update(fused, grads, trainable_variables, learning_rate)
-        elif keras.backend.backend() == "tensorflow" and _tf_eager_without_strategy():
+        if keras.backend.backend() == "tensorflow" and _tf_eager_without_strategy():
             # Op by op, each elementwise op of `update_step` is a pass over
             # memory; XLA fuses them, as it does in a compiled `fit`.
             variables = list(trainable_variables)
             update = self._compiled.get(
                 ("update", *map(id, variables)),
                 lambda: compile_state_update(
-                    lambda grads, lr: (grads, lr),
-                    lambda grads, lr: super(SOAA, self)._backend_update_step(
-                        grads, variables, lr
-                    ),
+                    lambda grads, lr: (grads, variables, lr, fused),
+                    self._update_variables,
                     lambda _: None,
                     jit_compile=True,
                 ),
             )
             update(list(grads), ops.convert_to_tensor(learning_rate))
         else:
+            self._update_variables(grads, trainable_variables, learning_rate, fused)
+
+    def _update_variables(self, grads, trainable_variables, learning_rate, fused):
+        """Updates every variable, then (hypergradient) adapts the radius.
+
+        `fused` is the backend's fused update step, or `None` for the
+        per-variable `update_step`.
+        """
+        if fused is not None:
+            self._fused_update(fused, grads, trainable_variables, learning_rate)
+        else:
             super()._backend_update_step(grads, trainable_variables, learning_rate)
+        if self._hypergradient_sums is not None:
+            sums = trust_region.HypergradientSums(
+                *map(read_value, self._hypergradient_sums)
+            )
+            self._radius.assign(self.controller().adapt(self._radius, sums))
+            for variable in self._hypergradient_sums:
+                variable.assign(0.0)
 
     def _fused_update(self, fused, grads, trainable_variables, learning_rate):
         """Runs `fused` once per compute dtype over the non-empty variables."""
@@ -338,7 +390,7 @@ class SOAA(keras.optimizers.Optimizer):
             dtype = self._momentums[index].dtype
             groups.setdefault(dtype, []).append((grad, variable, index))
         for dtype, members in groups.items():
-            predicted = fused(
+            predicted, hypergradient_sums = fused(
                 [ops.convert_to_tensor(grad) for grad, _, _ in members],
                 [variable.value for _, variable, _ in members],
                 [self._momentums[i].value for _, _, i in members],
@@ -348,8 +400,14 @@ class SOAA(keras.optimizers.Optimizer):
                 beta_1=self.beta_1,
                 beta_2=self.beta_2,
                 epsilon=self.epsilon,
+                hypergradient=self._hypergradient_sums is not None,
             )
             self._predicted_reduction.assign_add(predicted)
+            if hypergradient_sums is not None:
+                for variable, value in zip(
+                    self._hypergradient_sums, hypergradient_sums
+                ):
+                    variable.assign_add(value)
 
     def _apply_weight_decay(self, variables):
         # Weight decay is applied in `update_step` instead, where a step that
@@ -383,6 +441,10 @@ class SOAA(keras.optimizers.Optimizer):
         v = ops.convert_to_tensor(v_variable)
         old_theta = ops.convert_to_tensor(variable)
 
+        if self._hypergradient_sums is not None:
+            hypergradient_sums = maths.hypergradient_sums(
+                gradient, maths.previous_step_quotient(m, v, scalars, self.epsilon)
+            )
         new_m, new_v = maths.moments(m, v, gradient, self.beta_1, self.beta_2)
         sums = maths.curvature_sums(new_m, new_v)
         size = ops.cast(ops.size(new_v), dtype)
@@ -403,6 +465,11 @@ class SOAA(keras.optimizers.Optimizer):
         self.assign_add(
             self._predicted_reduction, maths.finite_or_zero(predicted, is_finite)
         )
+        if self._hypergradient_sums is not None:
+            for total, value in zip(self._hypergradient_sums, hypergradient_sums):
+                self.assign_add(
+                    total, maths.finite_or_zero(ops.cast(value, "float32"), is_finite)
+                )
 
     def observe_loss(self, loss):
         """Feeds one observed training loss to the trust-region controller.
@@ -433,7 +500,7 @@ class SOAA(keras.optimizers.Optimizer):
                 "apply at least one step (or call `optimizer.build(variables)`) "
                 "first."
             )
-        if self.total_steps is None:
+        if self.total_steps is None and self.controller_name == "paper":
             raise ValueError(
                 "SOAA needs `total_steps` to schedule its radius bounds. Pass "
                 "`SOAA(total_steps=...)` (the number of optimizer steps of the "
@@ -489,7 +556,7 @@ class SOAA(keras.optimizers.Optimizer):
                 f"Cannot restore SOAA optimizer '{self.name}': the saved state "
                 f"has {len(store.keys())} variables, this optimizer has "
                 f"{len(self.variables)} (state layout version "
-                f"{STATE_LAYOUT_VERSION}). Was it saved with other options "
+                f"{self.state_layout_version}). Was it saved with other options "
                 "(e.g. `use_ema`, `gradient_accumulation_steps`) or another "
                 "version of keras-soaa?"
             )
@@ -509,6 +576,11 @@ class SOAA(keras.optimizers.Optimizer):
             )
         return super().from_config(config, custom_objects=custom_objects)
 
+    @property
+    def state_layout_version(self) -> int:
+        """The state layout this configuration saves (see the module top)."""
+        return 1 if self.controller_name == "paper" else 2
+
     def get_config(self):
         """Returns the config: every constructor argument."""
         config = super().get_config()
@@ -520,7 +592,11 @@ class SOAA(keras.optimizers.Optimizer):
                 "radius_bound": self.radius_bound,
                 "total_steps": self.total_steps,
                 "initial_radius": self.initial_radius,
-                "state_layout_version": STATE_LAYOUT_VERSION,
+                "controller": self.controller_name,
+                "radius_learning_rate": self.radius_learning_rate,
+                "min_radius": self.min_radius,
+                "max_radius": self.max_radius,
+                "state_layout_version": self.state_layout_version,
             }
         )
         return config

@@ -133,3 +133,38 @@ def loss_as_float32_scalar(loss):
     if len(ops.shape(tensor)) != 0:
         raise refuse(f"got a tensor of shape {tuple(ops.shape(tensor))}")
     return ops.cast(tensor, "float32")
+
+
+CONTROLLERS = ("paper", "hypergradient")
+
+
+def validate_controller(
+    controller, radius_learning_rate, min_radius, max_radius, initial_radius
+):
+    """Raises `ValueError` naming the first invalid controller argument."""
+    if controller not in CONTROLLERS:
+        names = ", ".join(map(repr, CONTROLLERS))
+        raise ValueError(
+            f"Argument `controller` must be one of {names}. "
+            f"Received: controller={controller!r}"
+        )
+    inf = math.inf
+    _check_real(
+        "radius_learning_rate", radius_learning_rate, 0.0, inf,
+        low_open=False, high_open=True, rule=">= 0 (finite)",
+    )
+    _check_real(
+        "min_radius", min_radius, 0.0, inf,
+        low_open=True, high_open=True, rule="> 0 (finite)",
+    )
+    _check_real(
+        "max_radius", max_radius, float(min_radius), inf,
+        low_open=False, high_open=True, rule=">= min_radius (finite)",
+    )
+    if controller == "hypergradient" and not min_radius <= initial_radius <= max_radius:
+        raise ValueError(
+            "Argument `initial_radius` must lie in [min_radius, max_radius] "
+            "with controller='hypergradient'. Received: "
+            f"initial_radius={initial_radius!r}, min_radius={min_radius!r}, "
+            f"max_radius={max_radius!r}"
+        )

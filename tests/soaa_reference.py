@@ -20,6 +20,10 @@ class ReferenceSOAA:
         total_steps=None,
         initial_radius=1.0,
         weight_decay=None,
+        controller="paper",
+        radius_learning_rate=0.05,
+        min_radius=0.1,
+        max_radius=10.0,
     ):
         self.weights = [np.array(w, dtype=np.float64) for w in weights]
         self.m = [np.zeros_like(w) for w in self.weights]
@@ -31,6 +35,10 @@ class ReferenceSOAA:
         self.radius_bound = radius_bound
         self.total_steps = total_steps
         self.weight_decay = weight_decay
+        self.controller = controller
+        self.radius_learning_rate = radius_learning_rate
+        self.min_radius = min_radius
+        self.max_radius = max_radius
         self.iterations = 0
         self.radius = float(initial_radius)
         self.loss_average = 0.0
@@ -49,10 +57,19 @@ class ReferenceSOAA:
         t = self.iterations + 1
         b1, b2, eps, d = self.beta_1, self.beta_2, self.epsilon, self.radius
         self.last_directions = [None] * len(self.weights)
+        # Hypergradient: g_t against the previous step's Adam direction.
+        alignment = gradient_sq = direction_sq = 0.0
         for i, g in enumerate(grads):
             g = np.asarray(g, dtype=np.float64)
             if not np.all(np.isfinite(g)):
                 continue
+            if t > 1:
+                previous = self.m[i] / (1 - b1 ** (t - 1)) / (
+                    np.sqrt(self.v[i] / (1 - b2 ** (t - 1))) + eps
+                )
+                alignment += np.sum(g * previous)
+                gradient_sq += np.sum(g**2)
+                direction_sq += np.sum(previous**2)
             m = b1 * self.m[i] + (1 - b1) * g
             v = b2 * self.v[i] + (1 - b2) * g**2
             m_hat = m / (1 - b1**t)
@@ -75,6 +92,13 @@ class ReferenceSOAA:
                 m_hat * u - 0.5 * v_hat * u**2
             )
         self.iterations = t
+        if self.controller == "hypergradient":
+            norms = np.sqrt(gradient_sq * direction_sq)
+            cosine = alignment / norms if norms > 0 else 0.0
+            log_radius = np.log(self.radius) + self.radius_learning_rate * cosine
+            self.radius = float(np.exp(np.clip(
+                log_radius, np.log(self.min_radius), np.log(self.max_radius)
+            )))
 
     def bounds(self):
         """The radius bounds `(lower, upper)` at the current iteration."""
@@ -84,6 +108,15 @@ class ReferenceSOAA:
 
     def observe(self, loss):
         """Feeds one observed loss to the controller."""
+        if self.controller == "hypergradient":  # counted, radius unchanged
+            if np.isfinite(loss):
+                self.loss_count += 1
+                self.loss_average = (
+                    self.beta_1 * self.loss_average + (1 - self.beta_1) * loss
+                )
+            self.previous_predicted_reduction = self.predicted_reduction
+            self.predicted_reduction = 0.0
+            return
         lower, upper = self.bounds()
         if np.isfinite(loss):
             self.loss_count += 1

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from conftest import scalars_of, to_numpy
 from keras import ops
-from keras.src.optimizers.base_optimizer import BaseOptimizer
 
 from keras_soaa import SOAA
 
@@ -23,8 +22,8 @@ SCALES = [1.0, 10.0, 1e-3, 0.1]
 def portable(optimizer):
     """Makes `optimizer` run the plain per-variable `update_step` loop."""
     optimizer._backend_update_step = (
-        lambda grads, variables, lr: BaseOptimizer._backend_update_step(
-            optimizer, grads, variables, lr
+        lambda grads, variables, lr: optimizer._update_variables(
+            grads, variables, lr, fused=None
         )
     )
     return optimizer
@@ -48,10 +47,13 @@ def train(optimizer, steps, non_finite_at=None):
     return variables
 
 
+@pytest.mark.parametrize("controller", ["paper", "hypergradient"])
 @pytest.mark.parametrize("non_finite_at", [None, 4])
 @pytest.mark.parametrize("weight_decay", [None, 0.05])
-def test_backend_path_matches_portable_path(weight_decay, non_finite_at):
-    kwargs = dict(learning_rate=0.01, total_steps=10, weight_decay=weight_decay)
+def test_backend_path_matches_portable_path(weight_decay, non_finite_at,
+                                            controller):
+    kwargs = dict(learning_rate=0.01, total_steps=10, weight_decay=weight_decay,
+                  controller=controller, radius_learning_rate=0.2)
     fast, plain = SOAA(**kwargs), portable(SOAA(**kwargs))
     fast_vars = train(fast, 12, non_finite_at)
     plain_vars = train(plain, 12, non_finite_at)

@@ -26,6 +26,25 @@ from keras_soaa.maths import (
 )
 
 
+def previous_step_quotient(momentums, velocities, scalars, epsilon):
+    """`maths.previous_step_quotient` for many variables."""
+    quotients = torch._foreach_sqrt(velocities)
+    torch._foreach_mul_(quotients, torch.rsqrt(scalars.previous_beta_2_correction))
+    torch._foreach_add_(quotients, epsilon)
+    for m, q in zip(momentums, quotients):
+        torch.div(m, q, out=q)
+    return quotients
+
+
+def hypergradient_sums(grads, previous_quotients):
+    """`maths.hypergradient_sums` for many variables: three vectors."""
+    return (
+        _dots(zip(grads, previous_quotients)),
+        _dots(zip(grads, grads)),
+        _dots(zip(previous_quotients, previous_quotients)),
+    )
+
+
 def _dots(pairs):
     # sum(a * b) without an array for the products.
     return torch.stack([torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in pairs])
@@ -97,7 +116,7 @@ def predicted_reduction_sums(new_m, new_v, quotients):
 @torch.no_grad()
 def update_step(
     grads, params, momentums, velocities, weight_decays, scalars,
-    *, beta_1, beta_2, epsilon,
+    *, beta_1, beta_2, epsilon, hypergradient=False,
 ):
     """Applies SOAA's step to variables that share one compute dtype.
 
@@ -111,14 +130,22 @@ def update_step(
         beta_1: the optimizer's `beta_1`.
         beta_2: the optimizer's `beta_2`.
         epsilon: the optimizer's `epsilon`.
+        hypergradient: whether to compute the hypergradient controller's sums.
 
     Returns:
-        The predicted reduction of the applied steps, a float32 scalar.
+        `(predicted, hypergradient_sums)`: the predicted reduction of the
+        applied steps (a float32 scalar), and the three sums of
+        `maths.hypergradient_sums` over them (float32 scalars), or `None`
+        when `hypergradient` is false.
     """
     dtype = momentums[0].dtype
     grads = [g.to(dtype) for g in grads]
     thetas = [p.to(dtype) for p in params]
 
+    if hypergradient:
+        hypergradient_vectors = hypergradient_sums(
+            grads, previous_step_quotient(momentums, velocities, scalars, epsilon)
+        )
     new_m, new_v = moments(momentums, velocities, grads, beta_1, beta_2)
     sums = curvature_sums(new_m, new_v)
     sizes = torch.tensor([p.numel() for p in params], dtype=dtype)
@@ -141,4 +168,10 @@ def update_step(
     else:
         for ok, state, new in zip(is_finite.unbind() * 3, states, news):
             torch.where(ok, new, state, out=state)
-    return finite_or_zero(predicted, is_finite).sum()
+    hypergradient_totals = None
+    if hypergradient:
+        hypergradient_totals = tuple(
+            finite_or_zero(vector.to(torch.float32), is_finite).sum()
+            for vector in hypergradient_vectors
+        )
+    return finite_or_zero(predicted, is_finite).sum(), hypergradient_totals
