@@ -81,6 +81,21 @@ class SOAA(keras.optimizers.Optimizer):
     and the predicted reduction accumulated since the previous observation
     becomes the one the next observation is judged against.
 
+    With `controller="hypergradient"` the radius follows the gradients
+    instead, and observed losses only feed the logs. After every step, with
+    `q_prev = m_old / (sqrt(v_old / (1 - beta_2**(t-1))) + epsilon)` (the
+    previous step's Adam direction, up to a positive factor) summed over the
+    variables:
+
+    ```
+    cos   = sum(g * q_prev) / (sqrt(sum(g**2)) * sqrt(sum(q_prev**2)))
+    log d = clip(log d + radius_learning_rate * cos,
+                 log(min_radius), log(max_radius))
+    ```
+
+    (hypergradient descent on `log d`: `d` grows while the gradient keeps
+    pointing along the last step, and shrinks when the step overshot).
+
     A variable whose gradient holds a NaN or an infinity is left exactly as
     it was for that step (weights, moments, no weight decay, nothing added to
     the predicted reduction); so is one whose `g**2` overflows the moments'
@@ -120,6 +135,17 @@ class SOAA(keras.optimizers.Optimizer):
             `fit`'s epochs and steps when it is `None`. Defaults to `None`.
         initial_radius: Float > 0. The radius before the first observed
             loss. Defaults to `1.0`.
+        controller: `"paper"` (the paper's loss-ratio controller, fed by
+            `observe_loss` / `TrustRegionCallback`) or `"hypergradient"`
+            (the radius adapts from the gradients at every step; no
+            observed loss needed). Defaults to `"paper"`.
+        radius_learning_rate: Float >= 0. The hypergradient controller's
+            step on `log d` per unit cosine. Defaults to `0.05`.
+        min_radius: Float > 0. The hypergradient controller's lower bound
+            on `d`. Defaults to `0.1`.
+        max_radius: Float >= `min_radius`. Its upper bound. Defaults to
+            `10.0`. `radius_bound` and `total_steps` only concern the
+            paper controller.
         weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema,
         ema_momentum, ema_overwrite_frequency, loss_scale_factor,
         gradient_accumulation_steps, name: as in `keras.optimizers.Optimizer`.

@@ -59,7 +59,12 @@ def make_model():
             keras.layers.Dense(3, name="output"),
         ]
     )
-    model.compile(optimizer=SOAA(learning_rate=0.05), loss="mse")
+    controller = os.environ.get("SOAA_CONTROLLER", "paper")
+    model.compile(
+        optimizer=SOAA(learning_rate=0.05, controller=controller,
+                       radius_learning_rate=0.2),
+        loss="mse",
+    )
     return model
 
 

@@ -44,8 +44,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_worker(setup, output, extra_env=None):
-    env = dict(os.environ, **(extra_env or {}))
+def start_worker(setup, output, extra_env=None, controller="paper"):
+    env = dict(os.environ, SOAA_CONTROLLER=controller, **(extra_env or {}))
     if setup in ("tf_single", "jax_single"):
         env["KERAS_BACKEND"] = "tensorflow" if setup == "tf_single" else "jax"
         setup = "single"
@@ -65,11 +65,11 @@ def finish(process):
     assert process.returncode == 0, out[-5000:]
 
 
-def run_setup(setup, tmp_path):
+def run_setup(setup, tmp_path, controller="paper"):
     """Runs `setup`; returns the result of every process it started."""
     if setup != "tf_multi_worker":
         output = tmp_path / f"{setup}.npz"
-        finish(start_worker(setup, output))
+        finish(start_worker(setup, output, controller=controller))
         return [np.load(output)]
     ports = [free_port() for _ in range(2)]
     workers, outputs = [], []
@@ -81,18 +81,25 @@ def run_setup(setup, tmp_path):
         outputs.append(tmp_path / f"worker{index}.npz")
         workers.append(
             start_worker(setup, outputs[-1],
-                         {"TF_CONFIG": json.dumps(tf_config)})
+                         {"TF_CONFIG": json.dumps(tf_config)}, controller)
         )
     for worker in workers:
         finish(worker)
     return [np.load(output) for output in outputs]
 
 
+# The hypergradient controller adapts the radius inside the step (three
+# sums over the variables): checked on one setup per backend's run.
+CASES = [(setup, "paper") for setup in SETUPS_OF_THIS_RUN] + [
+    (SETUPS_OF_THIS_RUN[0], "hypergradient")
+]
+
+
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("setup", SETUPS_OF_THIS_RUN)
-def test_distributed_training_matches_single_device(setup, tmp_path):
-    (baseline,) = run_setup(BASELINE[setup], tmp_path)
-    results = run_setup(setup, tmp_path)
+@pytest.mark.parametrize("setup, controller", CASES)
+def test_distributed_training_matches_single_device(setup, controller, tmp_path):
+    (baseline,) = run_setup(BASELINE[setup], tmp_path, controller)
+    results = run_setup(setup, tmp_path, controller)
     for result in results:  # one per worker process
         # Same global batches; only the all-reduce's summation order differs.
         np.testing.assert_allclose(
@@ -108,6 +115,8 @@ def test_distributed_training_matches_single_device(setup, tmp_path):
         np.testing.assert_allclose(
             result["radii"], baseline["radii"], rtol=1e-5
         )
+        if controller == "hypergradient":  # the case covers what it claims
+            assert len(np.unique(np.round(baseline["radii"], 6))) > 3
         print(f"{setup}: max weight deviation from single device "
               f"{np.max(np.abs(result['weights'] - baseline['weights'])):.2e}")
 
@@ -115,7 +124,7 @@ def test_distributed_training_matches_single_device(setup, tmp_path):
 # --- Mixed precision (in this process, on its backend) ---------------------
 
 
-def fit_with_policy(policy, loss_scale_optimizer_scale=None):
+def fit_with_policy(policy, loss_scale_optimizer_scale=None, controller="paper"):
     """Trains a small MLP under `policy`; returns what SOAA saw and did."""
     keras.mixed_precision.set_dtype_policy(policy)
     try:
@@ -129,7 +138,7 @@ def fit_with_policy(policy, loss_scale_optimizer_scale=None):
             keras.layers.Dense(2),
             keras.layers.Activation("linear", dtype="float32"),
         ])
-        soaa = SOAA(learning_rate=0.01)
+        soaa = SOAA(learning_rate=0.01, controller=controller)
         optimizer = soaa
         if loss_scale_optimizer_scale is not None:
             optimizer = keras.optimizers.LossScaleOptimizer(
@@ -182,6 +191,16 @@ def test_mixed_precision_tracks_float32(
     soaa = run["soaa"]
     state = [v for v in soaa.variables if v.name != "iteration"]
     assert len(state) > 5 and all(v.dtype == "float32" for v in state)
+
+
+def test_mixed_precision_hypergradient_tracks_float32():
+    reference = fit_with_policy("float32", controller="hypergradient")
+    run = fit_with_policy("mixed_float16", controller="hypergradient")
+    assert np.all(np.isfinite(run["losses"]))
+    assert np.ptp(reference["radii"]) > 0.05  # the radius moved
+    np.testing.assert_allclose(run["radii"], reference["radii"], atol=0.02)
+    state = [v for v in run["soaa"].variables if v.name != "iteration"]
+    assert all(v.dtype == "float32" for v in state)
 
 
 def test_steps_skipped_by_loss_scaler_keep_trust_region_coherent(float32_run):
