@@ -91,7 +91,6 @@ def make_one(backend):
     import saving_worker as w
 
     import keras_soaa
-    from keras_soaa.optimizer import STATE_LAYOUT_VERSION
 
     assert keras.backend.backend() == backend
     x, y = w.make_data(seed=1)
@@ -118,7 +117,7 @@ def make_one(backend):
     backend_module = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
     info = {
         "backend": backend,
-        "state_layout_version": STATE_LAYOUT_VERSION,
+        "state_layout_version": config["state_layout_version"],
         "optimizer_config": config,
         "variable_names": names,
         "scalars": scalars,
