@@ -399,12 +399,16 @@ class SOAA(keras.optimizers.Optimizer):
         else:
             super()._backend_update_step(grads, trainable_variables, learning_rate)
         if self._hypergradient_sums is not None:
-            sums = trust_region.HypergradientSums(
-                *map(read_value, self._hypergradient_sums)
-            )
-            self._radius.assign(self.controller().adapt(self._radius, sums))
-            for variable in self._hypergradient_sums:
-                variable.assign(0.0)
+            self._adapt_radius_to_gradients()
+
+    def _adapt_radius_to_gradients(self):
+        """The hypergradient controller's step, from this step's sums."""
+        sums = trust_region.HypergradientSums(
+            *map(read_value, self._hypergradient_sums)
+        )
+        self._radius.assign(self.controller().adapt(self._radius, sums))
+        for variable in self._hypergradient_sums:
+            variable.assign(0.0)
 
     def _fused_update(self, fused, grads, trainable_variables, learning_rate):
         """Runs `fused` once per compute dtype over the non-empty variables."""
@@ -467,10 +471,6 @@ class SOAA(keras.optimizers.Optimizer):
         v = ops.convert_to_tensor(v_variable)
         old_theta = ops.convert_to_tensor(variable)
 
-        if self._hypergradient_sums is not None:
-            hypergradient_sums = maths.hypergradient_sums(
-                gradient, maths.previous_step_quotient(m, v, scalars, self.epsilon)
-            )
         new_m, new_v = maths.moments(m, v, gradient, self.beta_1, self.beta_2)
         sums = maths.curvature_sums(new_m, new_v)
         size = ops.cast(ops.size(new_v), dtype)
@@ -492,7 +492,10 @@ class SOAA(keras.optimizers.Optimizer):
             self._predicted_reduction, maths.finite_or_zero(predicted, is_finite)
         )
         if self._hypergradient_sums is not None:
-            for total, value in zip(self._hypergradient_sums, hypergradient_sums):
+            step_sums = maths.hypergradient_sums(
+                gradient, maths.previous_step_quotient(m, v, scalars, self.epsilon)
+            )
+            for total, value in zip(self._hypergradient_sums, step_sums):
                 self.assign_add(
                     total, maths.finite_or_zero(ops.cast(value, "float32"), is_finite)
                 )
