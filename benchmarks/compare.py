@@ -3,12 +3,19 @@
     python benchmarks/compare.py [--problems digits,rosenbrock] [--quick]
         [--optimizers soaa,adam,schedulefree,muon | all] [--backend jax]
         [--seeds 3] [--steps N] [--lrs 1e-3,3e-3,1e-2] [--out runs/benchmark]
+        [--hd-radius-lr 0.05] [--hd-bounds 0.1,10]
 
-Optimizers (default: soaa, soaa_cosine, adam, adam_cosine, schedulefree):
+Optimizers (default: soaa, soaa_cosine, soaa_hd, soaa_hd_cosine, adam,
+adam_cosine, schedulefree):
 
 - `soaa`: `keras_soaa.SOAA`, constant learning rate (the paper's setting).
 - `soaa_cosine`: SOAA with `keras.optimizers.schedules.CosineDecay` from the
   grid's rate to 0 over the run.
+- `soaa_hd`, `soaa_hd_cosine`: the same two with
+  `SOAA(controller="hypergradient")`: the radius follows the gradients
+  (hypergradient descent on log d) instead of the observed losses; SOAA's
+  defaults for its `radius_learning_rate`, `min_radius` and `max_radius`
+  unless `--hd-radius-lr` / `--hd-bounds` set them.
 - `adam`, `adam_cosine`: Keras' Adam, constant or with the same cosine decay.
 - `adamw`: Keras' AdamW (weight decay 0.004).
 - `schedulefree`: `keras.optimizers.ScheduleFreeAdamW`. Keras keeps its
@@ -47,10 +54,10 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-OPTIMIZERS = ("soaa", "soaa_cosine", "adam", "adam_cosine", "adamw",
-              "schedulefree", "muon", "lion")
-DEFAULT_OPTIMIZERS = ("soaa", "soaa_cosine", "adam", "adam_cosine",
-                      "schedulefree")
+OPTIMIZERS = ("soaa", "soaa_cosine", "soaa_hd", "soaa_hd_cosine", "adam",
+              "adam_cosine", "adamw", "schedulefree", "muon", "lion")
+DEFAULT_OPTIMIZERS = ("soaa", "soaa_cosine", "soaa_hd", "soaa_hd_cosine",
+                      "adam", "adam_cosine", "schedulefree")
 QUICK_STEPS = 10
 
 
@@ -81,6 +88,12 @@ def parse_args(argv=None):
                         help="a smoke run: 1 seed, 2 rates, 10 steps")
     parser.add_argument("--no-reuse", dest="reuse", action="store_false",
                         help="compile a new model for every run")
+    parser.add_argument("--hd-radius-lr", type=float, default=None,
+                        help="the hypergradient controller's "
+                        "radius_learning_rate (default: SOAA's)")
+    parser.add_argument("--hd-bounds", default=None,
+                        help="the hypergradient controller's min_radius,"
+                        "max_radius, e.g. 0.1,10 (default: SOAA's)")
     args = parser.parse_args(argv)
     if args.optimizers.strip() == "all":
         args.optimizers = list(OPTIMIZERS)
@@ -95,6 +108,15 @@ def parse_args(argv=None):
         args.steps = QUICK_STEPS
     if args.lrs is not None:
         args.lrs = [float(lr) for lr in args.lrs.split(",")]
+    args.hypergradient = {}
+    if args.hd_radius_lr is not None:
+        args.hypergradient["radius_learning_rate"] = args.hd_radius_lr
+    if args.hd_bounds is not None:
+        bounds = [float(b) for b in args.hd_bounds.split(",")]
+        if len(bounds) != 2 or not 0 < bounds[0] <= bounds[1]:
+            parser.error("--hd-bounds takes min_radius,max_radius with "
+                         "0 < min_radius <= max_radius")
+        args.hypergradient.update(min_radius=bounds[0], max_radius=bounds[1])
     return args
 
 
@@ -129,6 +151,9 @@ def main(argv=None):
     import report
     import runner
 
+    runner.HYPERGRADIENT_ARGUMENTS.clear()
+    runner.HYPERGRADIENT_ARGUMENTS.update(args.hypergradient)
+
     names = (
         list(problems.PROBLEM_NAMES)
         if args.problems == "all"
@@ -162,6 +187,8 @@ def main(argv=None):
         "reuse": args.reuse,
         "quick": args.quick,
     }
+    if any(runner.is_hypergradient(o) for o in args.optimizers):
+        config["hypergradient"] = runner.hypergradient_arguments()
     print(f"{total_runs} runs on {backend}: {', '.join(names)} x "
           f"{', '.join(args.optimizers)} x {len(seeds)} seed(s)", flush=True)
 

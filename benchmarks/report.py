@@ -19,6 +19,8 @@ from matplotlib import ticker  # noqa: E402
 NAMES = {
     "soaa": "SOAA",
     "soaa_cosine": "SOAA + cosine",
+    "soaa_hd": "SOAA-HD",
+    "soaa_hd_cosine": "SOAA-HD + cosine",
     "adam": "Adam",
     "adam_cosine": "Adam + cosine",
     "adamw": "AdamW",
@@ -29,6 +31,8 @@ NAMES = {
 COLORS = {
     "soaa": "tab:red",
     "soaa_cosine": "tab:orange",
+    "soaa_hd": "tab:pink",
+    "soaa_hd_cosine": "tab:gray",
     "adam": "tab:blue",
     "adam_cosine": "tab:cyan",
     "adamw": "tab:green",
@@ -36,7 +40,10 @@ COLORS = {
     "muon": "tab:brown",
     "lion": "tab:olive",
 }
-SOAA_VARIANTS = ("soaa", "soaa_cosine")
+SOAA_VARIANTS = ("soaa", "soaa_cosine", "soaa_hd", "soaa_hd_cosine")
+# SOAA with `controller="hypergradient"`: constant radius bounds
+# [min_radius, max_radius], stored in each run's record.
+HYPERGRADIENT_VARIANTS = ("soaa_hd", "soaa_hd_cosine")
 # The loss and sweep panels show SOAA's variants and this many of the others,
 # the strongest first (every optimizer stays in the tables).
 PLOTTED_OTHERS = 2
@@ -65,13 +72,29 @@ def radius_bounds(steps, total_steps, gamma=RADIUS_BOUND):
     return (1 - gamma) ** e, 1 + gamma**e
 
 
-def bound_fractions(radii, total_steps):
-    """Fractions of steps with the radius on its lower and upper bound."""
+def bound_fractions(radii, total_steps, bounds=None):
+    """Fractions of steps with the radius on its lower and upper bound.
+
+    `bounds=None`: the paper controller's bounds, which narrow over
+    `total_steps` (`radius_bounds`); else the constant `(low, high)` of the
+    hypergradient controller (`min_radius`, `max_radius`). "On" a bound:
+    within a relative 1e-5 of it (float32 rounding).
+    """
     radii = np.asarray(radii, "float64")
-    lower, upper = radius_bounds(len(radii), total_steps)
+    if bounds is None:
+        lower, upper = radius_bounds(len(radii), total_steps)
+    else:
+        lower = np.full(len(radii), float(bounds[0]))
+        upper = np.full(len(radii), float(bounds[1]))
     on_lower = np.abs(radii - lower) <= 1e-5 * lower
     on_upper = np.abs(radii - upper) <= 1e-5 * upper
     return float(on_lower.mean()), float(on_upper.mean())
+
+
+def interior_fraction(radii, total_steps, bounds=None):
+    """The share of steps with the radius strictly inside its bounds."""
+    on_lower, on_upper = bound_fractions(radii, total_steps, bounds)
+    return 1.0 - on_lower - on_upper
 
 
 def _mean_std(values):
@@ -119,9 +142,12 @@ def summarize(entry):
         )
         if optimizer in SOAA_VARIANTS and not sweep[tuned_key]["diverged"]:
             fractions = np.array(
-                [bound_fractions(r["radius"], info["steps"]) for r in tuned]
+                [bound_fractions(r["radius"], info["steps"],
+                                 r.get("radius_bounds")) for r in tuned]
             )
             item["bounds"] = tuple(fractions.mean(0))
+            item["interior"] = float(1.0 - fractions.sum(1).mean())
+            item["radius_bounds"] = tuned[0].get("radius_bounds")
             item["mean_radius"] = float(np.mean([r["radius"] for r in tuned]))
             shares = [share for r in tuned for share in r.get("fisher_share") or []
                       if share is not None]
@@ -169,15 +195,100 @@ def verdict(summary, soaa="soaa"):
     best = strongest(summary, exclude=SOAA_VARIANTS)
     if soaa not in summary or best is None:
         return None
-    soaa, other = summary[soaa]["final"], summary[best]["final"]
-    if not math.isfinite(soaa["mean"]) or not math.isfinite(other["mean"]):
-        word = ("ties" if soaa["mean"] == other["mean"]
-                else "wins" if soaa["mean"] < other["mean"] else "loses")
-    else:
-        gap = soaa["mean"] - other["mean"]
-        margin = max(soaa["std"] + other["std"], 0.02 * abs(other["mean"]))
-        word = "ties" if abs(gap) <= margin else "wins" if gap < 0 else "loses"
-    return word, best
+    return compare_finals(summary[soaa]["final"], summary[best]["final"]), best
+
+
+def compare_finals(mine, other):
+    """"wins", "ties" or "loses": `mine` against `other` ({"mean", "std"}).
+
+    A tie when the gap is within the sum of the two standard deviations over
+    seeds, or within 2% of the other's loss.
+    """
+    if not math.isfinite(mine["mean"]) or not math.isfinite(other["mean"]):
+        return ("ties" if mine["mean"] == other["mean"]
+                else "wins" if mine["mean"] < other["mean"] else "loses")
+    gap = mine["mean"] - other["mean"]
+    margin = max(mine["std"] + other["std"], 0.02 * abs(other["mean"]))
+    return "ties" if abs(gap) <= margin else "wins" if gap < 0 else "loses"
+
+
+# -- the issue's targets for a controller ---------------------------------------
+
+# T2's reference: the best of these two (those that ran).
+SCHEDULED_PEERS = ("adam_cosine", "schedulefree")
+
+
+def rate_width(item, factor=2.0):
+    """Decades of learning rate whose mean final loss is within `factor`x of
+    the optimizer's best: log10(largest / smallest such grid rate)."""
+    best = item["final"]["mean"]
+    if not math.isfinite(best):
+        return None
+    good = [s["lr"] for s in item["sweep"].values()
+            if math.isfinite(s["mean"]) and s["mean"] <= factor * best]
+    return math.log10(max(good) / min(good))
+
+
+def target_figures(summary, optimizer):
+    """The issue's targets' figures for one optimizer on one problem.
+
+    - T1 `steps_ratio`: steps to reach tuned Adam's final training loss,
+      over Adam's own (`inf`: never reached).
+    - T2 `against_scheduled`: `compare_finals` against the best of Adam +
+      cosine and ScheduleFreeAdamW, and which one that is.
+    - T3 `width`, `adam_width`: `rate_width` of the optimizer and of Adam.
+    - T4 `interior`: share of steps with the radius strictly inside its
+      bounds (SOAA variants).
+    Missing references give `None`.
+    """
+    item = summary[optimizer]
+    figures = {"steps_ratio": None, "against_scheduled": None,
+               "scheduled_peer": None, "width": rate_width(item),
+               "adam_width": None, "interior": item.get("interior")}
+    adam = summary.get("adam")
+    if adam is not None:
+        figures["adam_width"] = rate_width(adam)
+        if adam.get("steps_to_adam"):
+            mine = item.get("steps_to_adam")
+            figures["steps_ratio"] = (math.inf if mine is None
+                                      else mine / adam["steps_to_adam"])
+    peers = [o for o in SCHEDULED_PEERS if o in summary]
+    if peers:
+        peer = min(peers, key=lambda o: summary[o]["final"]["mean"])
+        figures["scheduled_peer"] = peer
+        figures["against_scheduled"] = compare_finals(item["final"],
+                                                      summary[peer]["final"])
+    return figures
+
+
+def target_verdicts(per_problem):
+    """Pass/fail and the figures of T1-T3 and T4's interior part.
+
+    `per_problem`: {problem: `target_figures(...)`} for one optimizer.
+    """
+    figures = list(per_problem.values())
+    out = {}
+    ratios = [f["steps_ratio"] for f in figures if f["steps_ratio"] is not None]
+    if ratios:
+        share = float(np.mean([r <= 0.8 for r in ratios]))
+        out["T1"] = {"share_at_most_0.8": share, "worst": max(ratios),
+                     "pass": share >= 0.8 and max(ratios) <= 1.1}
+    words = [f["against_scheduled"] for f in figures
+             if f["against_scheduled"] is not None]
+    if words:
+        share = float(np.mean([w in ("wins", "ties") for w in words]))
+        out["T2"] = {"share_ties_or_wins": share, "pass": share >= 0.6}
+    widths = [(f["width"], f["adam_width"]) for f in figures
+              if f["width"] is not None and f["adam_width"] is not None]
+    if widths:
+        share = float(np.mean([w > a + 1e-9 for w, a in widths]))
+        out["T3"] = {"share_wider": share, "pass": share >= 0.8}
+    interior = [f["interior"] for f in figures if f["interior"] is not None]
+    if interior:
+        out["T4_interior"] = {"mean": float(np.mean(interior)),
+                              "min": float(np.min(interior)),
+                              "pass": float(np.min(interior)) >= 0.5}
+    return out
 
 
 # -- plots ----------------------------------------------------------------------
@@ -207,6 +318,10 @@ def plotted(summary):
     others = [o for o in ranking(summary) if o not in SOAA_VARIANTS]
     keep = set(others[:PLOTTED_OTHERS]) | set(SOAA_VARIANTS)
     return [o for o in ranking(summary) if o in keep]
+
+
+def _short(optimizer):
+    return NAMES[optimizer].replace(" + cosine", "+cos")
 
 
 def plot_problem(name, entry, summary, path):
@@ -264,7 +379,6 @@ def plot_problem(name, entry, summary, path):
     variants = [o for o in SOAA_VARIANTS
                 if o in summary and not summary[o]["final"]["diverged"]]
     if variants:
-        lower, upper = radius_bounds(steps, steps)
         x = np.arange(1, steps + 1)
         titles = []
         for optimizer in variants:
@@ -272,15 +386,29 @@ def plot_problem(name, entry, summary, path):
             for i, record in enumerate(item["runs"]):
                 radius.plot(x, record["radius"], color=COLORS[optimizer],
                             lw=0.8, alpha=0.7,
-                            label=f"{NAMES[optimizer]} (lr {item['lr']:g}), "
-                            "one line per seed" if i == 0 else None)
+                            label=f"{NAMES[optimizer]} (lr {item['lr']:g})"
+                            if i == 0 else None)
             on_lower, on_upper = item["bounds"]
-            titles.append(f"{NAMES[optimizer]}: on lower / upper bound "
-                          f"{on_lower:.0%} / {on_upper:.0%} of steps")
-        radius.plot(x, lower, "k--", lw=1, label="bounds (1−γ)^e, 1+γ^e")
-        radius.plot(x, upper, "k--", lw=1)
-        radius.set_title("radius d. " + "\n".join(titles), fontsize=9)
-        radius.legend(fontsize=8, loc="upper right")
+            titles.append(f"{_short(optimizer)}: {on_lower:.0%} / "
+                          f"{on_upper:.0%}")
+        if any(o not in HYPERGRADIENT_VARIANTS for o in variants):
+            lower, upper = radius_bounds(steps, steps)
+            radius.plot(x, lower, "k--", lw=1, label="paper: (1−γ)^e, 1+γ^e")
+            radius.plot(x, upper, "k--", lw=1)
+        hd_bounds = {tuple(summary[o]["radius_bounds"]) for o in variants
+                     if o in HYPERGRADIENT_VARIANTS
+                     and summary[o].get("radius_bounds")}
+        for k, (low, high) in enumerate(sorted(hd_bounds)):
+            radius.axhline(low, color="k", ls=":", lw=1,
+                           label="HD: min/max_radius" if k == 0 else None)
+            radius.axhline(high, color="k", ls=":", lw=1)
+        if hd_bounds:
+            radius.set_yscale("log")
+            radius.yaxis.set_major_formatter(
+                ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        radius.set_title("radius d, one line per seed; on lower / upper bound:"
+                         "\n" + ", ".join(titles), fontsize=9)
+        radius.legend(fontsize=7, loc="best")
     else:
         radius.text(0.5, 0.5, "SOAA not run (or diverged)", ha="center",
                     transform=radius.transAxes)

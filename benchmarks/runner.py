@@ -11,11 +11,34 @@ import keras_soaa
 
 # `*_cosine` runs the same optimizer with its learning rate decayed to 0 over
 # the run by `keras.optimizers.schedules.CosineDecay` (peak: the grid's rate).
-SOAA_VARIANTS = ("soaa", "soaa_cosine")
+# `soaa_hd*`: SOAA with `controller="hypergradient"` (the radius follows the
+# gradients); `soaa`, `soaa_cosine`: the paper's loss-ratio controller.
+SOAA_VARIANTS = ("soaa", "soaa_cosine", "soaa_hd", "soaa_hd_cosine")
+HYPERGRADIENT_VARIANTS = ("soaa_hd", "soaa_hd_cosine")
+# The hypergradient controller's arguments the benchmark passes explicitly
+# (`compare.py --hd-radius-lr / --hd-bounds`); empty: SOAA's defaults.
+HYPERGRADIENT_ARGUMENTS = {}
 
 
 def is_soaa(name):
     return name in SOAA_VARIANTS
+
+
+def is_hypergradient(name):
+    return name in HYPERGRADIENT_VARIANTS
+
+
+def hypergradient_arguments(overrides=None):
+    """The hypergradient controller's arguments: SOAA's defaults, overridden.
+
+    Returns `{"radius_learning_rate", "min_radius", "max_radius"}` as used
+    (read from a `SOAA(controller="hypergradient")`'s config, so the report
+    states the bounds the runs really had).
+    """
+    overrides = HYPERGRADIENT_ARGUMENTS if overrides is None else overrides
+    config = keras_soaa.SOAA(controller="hypergradient", **overrides).get_config()
+    return {key: float(config[key])
+            for key in ("radius_learning_rate", "min_radius", "max_radius")}
 
 
 def is_scheduled(name):
@@ -52,6 +75,10 @@ def make_optimizer(name, learning_rate, steps=None, model=None):
         if steps is None:
             raise ValueError(f"{name} needs the run's number of steps")
         learning_rate = cosine_to_zero(learning_rate, steps)
+    if name in HYPERGRADIENT_VARIANTS:
+        return keras_soaa.SOAA(learning_rate=learning_rate,
+                               controller="hypergradient",
+                               **HYPERGRADIENT_ARGUMENTS)
     if name in SOAA_VARIANTS:
         return keras_soaa.SOAA(learning_rate=learning_rate)
     if name in ("adam", "adam_cosine"):
@@ -246,11 +273,18 @@ def run(model, problem, optimizer_name, learning_rate, seed):
     if optimizer_name == "schedulefree" and held_out is not None:
         points = schedule_free_x(model.optimizer, model.trainable_variables)
         held_out_x = evaluate_at(model, points, problem.held_out)
+    radius_bounds = None
+    if is_hypergradient(optimizer_name):
+        optimizer = model.optimizer
+        radius_bounds = [optimizer.min_radius, optimizer.max_radius]
     return {
         "seed": seed,
         "loss": recorder.losses,
         "time": recorder.times,
         "radius": recorder.radii or None,
+        # The hypergradient controller's constant bounds on the radius (the
+        # paper controller's follow from `total_steps`: `report.radius_bounds`).
+        "radius_bounds": radius_bounds,
         "fisher_share": recorder.fisher or None,
         "final_loss": final if np.isfinite(final) else None,
         "held_out": held_out,
@@ -306,7 +340,7 @@ def sweep(problem, optimizer_name, learning_rates, seeds, reuse=True,
 def progress_line(number, problem, optimizer_name, learning_rate, record):
     final = record["final_loss"]
     parts = [
-        f"{number} {problem.name:<13} {optimizer_name:<12} lr={learning_rate:<6g}"
+        f"{number} {problem.name:<13} {optimizer_name:<14} lr={learning_rate:<6g}"
         f" seed={record['seed']}",
         "final loss " + ("diverged" if final is None else f"{final:.4g}"),
     ]
