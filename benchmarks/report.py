@@ -406,8 +406,9 @@ def plot_problem(name, entry, summary, path):
             radius.set_yscale("log")
             radius.yaxis.set_major_formatter(
                 ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        pairs = [", ".join(titles[i:i + 2]) for i in range(0, len(titles), 2)]
         radius.set_title("radius d, one line per seed; on lower / upper bound:"
-                         "\n" + ", ".join(titles), fontsize=9)
+                         "\n" + "\n".join(pairs), fontsize=9)
         radius.legend(fontsize=7, loc="best")
     else:
         radius.text(0.5, 0.5, "SOAA not run (or diverged)", ha="center",
@@ -425,7 +426,7 @@ def plot_problem(name, entry, summary, path):
     by_lr.xaxis.set_minor_locator(ticker.NullLocator())
     hidden = len(summary) - len(shown)
     figure.suptitle(
-        name + (f": SOAA and the {PLOTTED_OTHERS} strongest other optimizers "
+        name + (f": SOAA's variants and the {PLOTTED_OTHERS} strongest others "
                 f"(#rank by final train loss of {len(summary)}; all in the "
                 "report)" if hidden else ""),
         fontsize=12)
@@ -540,6 +541,83 @@ def verdict_line(name, summary):
             f"({_final_text(summary[best]['final'])}). " + "; ".join(parts) + ".")
 
 
+def _ratio_text(ratio):
+    if ratio is None:
+        return "—"
+    return "not reached" if not math.isfinite(ratio) else f"{ratio:.2f}"
+
+
+def _width_text(width):
+    return "—" if width is None else f"{width:.2f}"
+
+
+def targets_section(summaries):
+    """The issue's targets (T1-T3, T4's interior part), per SOAA variant.
+
+    Needs Adam in the run; empty otherwise.
+    """
+    variants = [o for o in SOAA_VARIANTS
+                if all(o in s for s in summaries.values())]
+    if not variants or not all("adam" in s for s in summaries.values()):
+        return []
+    lines = [
+        "## Targets for the radius controllers",
+        "",
+        "Per problem and SOAA variant. **T1**: steps to reach tuned Adam's "
+        "final train loss, over Adam's own steps (target: ≤ 0.8 on ≥ 80% of "
+        "problems, never > 1.1). **T2**: final train loss against the best "
+        "of Adam + cosine and ScheduleFreeAdamW (target: ties or wins on "
+        "≥ 60%). **T3**: decades of learning rate whose mean final loss is "
+        "within 2x of the optimizer's best, against Adam's (target: wider "
+        "on ≥ 80%). **T4** (its interior part): share of steps with the "
+        "radius strictly inside its bounds (target ≥ 50%); the placebo and "
+        "oracle parts are in `benchmarks/controller_signal.py`'s output.",
+        "",
+        "| problem | optimizer | T1 steps / Adam's | T2 vs best scheduled "
+        "| T3 width (Adam's), decades | T4 interior |",
+        "|---|---|---|---|---|---|",
+    ]
+    per_variant = {o: {} for o in variants}
+    for name, summary in summaries.items():
+        for optimizer in variants:
+            figures = target_figures(summary, optimizer)
+            per_variant[optimizer][name] = figures
+            against = "—"
+            if figures["against_scheduled"] is not None:
+                against = (f"{figures['against_scheduled']} "
+                           f"({NAMES[figures['scheduled_peer']]})")
+            interior = ("—" if figures["interior"] is None
+                        else f"{figures['interior']:.1%}")
+            lines.append(
+                f"| {name} | {NAMES[optimizer]} | "
+                f"{_ratio_text(figures['steps_ratio'])} | {against} | "
+                f"{_width_text(figures['width'])} "
+                f"({_width_text(figures['adam_width'])}) | {interior} |")
+    lines += ["", "Overall:", ""]
+    for optimizer in variants:
+        verdicts = target_verdicts(per_variant[optimizer])
+        parts = []
+        if "T1" in verdicts:
+            t1 = verdicts["T1"]
+            parts.append(f"T1 {'met' if t1['pass'] else 'missed'} "
+                         f"(≤ 0.8 on {t1['share_at_most_0.8']:.0%}, worst "
+                         f"{_ratio_text(t1['worst'])})")
+        if "T2" in verdicts:
+            t2 = verdicts["T2"]
+            parts.append(f"T2 {'met' if t2['pass'] else 'missed'} "
+                         f"(ties or wins on {t2['share_ties_or_wins']:.0%})")
+        if "T3" in verdicts:
+            t3 = verdicts["T3"]
+            parts.append(f"T3 {'met' if t3['pass'] else 'missed'} "
+                         f"(wider on {t3['share_wider']:.0%})")
+        if "T4_interior" in verdicts:
+            t4 = verdicts["T4_interior"]
+            parts.append(f"T4 interior {'met' if t4['pass'] else 'missed'} "
+                         f"(mean {t4['mean']:.1%}, lowest {t4['min']:.1%})")
+        lines.append(f"- **{NAMES[optimizer]}**: " + "; ".join(parts) + ".")
+    return lines + [""]
+
+
 def write(results, config, out_dir):
     """Writes `report.md` and one PNG per problem; returns the file names."""
     summaries = {name: summarize(entry) for name, entry in results.items()}
@@ -572,6 +650,17 @@ def write(results, config, out_dir):
         "`keras.optimizers.schedules.CosineDecay` from the grid's rate to 0 "
         "at the last step.",
         "",
+        *([] if "hypergradient" not in config else [
+            "*SOAA-HD*: `SOAA(controller=\"hypergradient\")` with "
+            + ", ".join(f"`{k}={v:g}`"
+                        for k, v in config["hypergradient"].items())
+            + ": after every step log d moves by radius_learning_rate × "
+            "cos(g_t, u_{t−1}), clipped to [min_radius, max_radius]; no "
+            "observed loss moves it (`TrustRegionCallback` only logs it). "
+            "*SOAA* and *SOAA + cosine* use the paper's loss-ratio "
+            "controller.",
+            "",
+        ]),
         *([] if config["backend"] == "jax" or "schedulefree"
           not in config["optimizers"] else [
             f"Note: on {config['backend']}, Keras 3.15's ScheduleFreeAdamW is "
@@ -601,8 +690,10 @@ def write(results, config, out_dir):
         "batch; the benchmark's recorder reads every optimizer's batch loss).",
         "- **radius**: SOAA's trust-region radius d (it multiplies the step) "
         "in the tuned runs: its mean over steps and seeds, and the share of "
-        "steps after which it equals its lower bound (1 − γ)^e or its upper "
-        "bound 1 + γ^e, e = min(t − 1, T)/T.",
+        "steps after which it equals its lower bound or its upper bound "
+        "(paper controller: (1 − γ)^e and 1 + γ^e, e = min(t − 1, T)/T; "
+        "SOAA-HD: min_radius and max_radius). The rest of the steps it is "
+        "strictly inside.",
         "- **weights in the Fisher regime**: SOAA steps by d·m̂ / max(d·c·v̂, "
         "√v̂). Where √v̂ is the larger (small gradients) the step is Adam's "
         "times d; where d·c·v̂ is (√v̂ > 1/(d·c)) it is m̂ / (c·v̂) and d cancels. "
@@ -623,6 +714,7 @@ def write(results, config, out_dir):
             *verdicts,
             "",
         ]
+    lines += targets_section(summaries)
     for name, summary in summaries.items():
         info = results[name]["problem"]
         lines += [

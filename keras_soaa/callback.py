@@ -275,8 +275,12 @@ class TrustRegionCallback(keras.callbacks.Callback):
                 self._optimizer.total_steps = max(
                     1, (epochs * steps) // accumulation
                 )
-        if self._optimizer.total_steps is None:
-            # Refuse before the first step rather than at the first loss.
+        if (
+            self._optimizer.total_steps is None
+            and self._optimizer.controller_name == "paper"
+        ):
+            # Refuse before the first step rather than at the first loss
+            # (only the paper controller's bounds need `total_steps`).
             raise ValueError(
                 "`TrustRegionCallback` cannot set SOAA's `total_steps`: `fit` "
                 "does not know the number of steps per epoch (e.g. a "

@@ -1,6 +1,7 @@
 """The benchmark (`benchmarks/compare.py --quick`) runs and writes its outputs."""
 
 import json
+import math
 import struct
 import sys
 from pathlib import Path
@@ -12,14 +13,17 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import compare  # noqa: E402
+import controller_signal  # noqa: E402
 import keras  # noqa: E402
 import problems  # noqa: E402
 import report  # noqa: E402
 import runner  # noqa: E402
 
+import keras_soaa  # noqa: E402
+
 # The quick run's optimizers; the others train in
 # `test_every_other_optimizer_trains`.
-OPTIMIZERS = ("soaa", "adam", "schedulefree")
+OPTIMIZERS = ("soaa", "soaa_hd", "adam", "schedulefree")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -63,7 +67,7 @@ def test_report_has_a_row_per_problem_and_optimizer(quick_run):
         # ScheduleFreeAdamW's held-out metric also at its averaged point x.
         assert ("(at x: " in row[6]) == (
             row[1] == "ScheduleFreeAdamW" and held_out_name is not None)
-        if row[1] == "SOAA":
+        if row[1] in ("SOAA", "SOAA-HD"):
             assert row[8].count("%") == 2
             assert 0 <= float(row[9].rstrip("%")) <= 100
         else:
@@ -109,10 +113,24 @@ def test_every_run_is_recorded_and_soaa_radius_stays_in_its_bounds(quick_run):
                         record["held_out"] is None)
                 else:
                     assert record["held_out_x"] is None
-                if optimizer != "soaa":
+                if optimizer not in ("soaa", "soaa_hd"):
                     assert record["radius"] is None
                     assert record["fisher_share"] is None
                     continue
+                if optimizer == "soaa_hd":
+                    # SOAA's defaults: constant bounds, any radius inside.
+                    assert record["radius_bounds"] == [0.1, 10.0]
+                    radius = np.array(record["radius"])
+                    assert len(radius) == steps
+                    assert np.all((radius >= 0.1 * (1 - 1e-6))
+                                  & (radius <= 10.0 * (1 + 1e-6)))
+                    # It moves after every step, by at most rate·|cos| ≤ 0.05
+                    # in log d (starting from 1).
+                    steps_in_log = np.diff(np.log(np.concatenate([[1.0], radius])))
+                    assert np.all(np.abs(steps_in_log) <= 0.05 + 1e-5)
+                    assert np.all(steps_in_log != 0)
+                    continue
+                assert record["radius_bounds"] is None
                 # Probed at steps 1 and 11, ... (every 10 steps).
                 assert len(record["fisher_share"]) == -(-steps // 10)
                 assert all(0 <= share <= 1 for share in record["fisher_share"])
@@ -211,18 +229,43 @@ def test_the_verdict_names_the_strongest_optimizer(quick_run):
             for optimizer, by_lr in entry["runs"].items()
         }
         winner = min(best, key=best.get)
-        other = min((o for o in best if o != "soaa"), key=best.get)
+        other = min((o for o in best if o not in ("soaa", "soaa_hd")),
+                    key=best.get)
         line = lines[name]
         assert line.startswith(f"- **{name}**: best {report.NAMES[winner]} (")
         assert f"against {report.NAMES[other]} (" in line
-        rank = sorted(best.values()).index(best["soaa"]) + 1
-        assert f"SOAA (rank {rank} of {len(best)})" in line
+        for soaa in ("soaa", "soaa_hd"):
+            rank = sorted(best.values()).index(best[soaa]) + 1
+            assert f"{report.NAMES[soaa]} (rank {rank} of {len(best)})" in line
+
+
+def test_the_report_states_the_targets_for_each_soaa_variant(quick_run):
+    out, _, config = quick_run
+    text = (out / "report.md").read_text()
+    assert config["hypergradient"] == {
+        "radius_learning_rate": 0.05, "min_radius": 0.1, "max_radius": 10.0}
+    assert "`radius_learning_rate=0.05`, `min_radius=0.1`, `max_radius=10`" in text
+    section = text.split("## Targets for the radius controllers")[1]
+    section = section.split("\n## ")[0]
+    rows = [line for line in section.splitlines()
+            if line.startswith("| ") and not line.startswith("| problem")]
+    assert sorted(row.split(" | ")[:2] for row in rows) == sorted(
+        [f"| {name}", report.NAMES[o]] for name in problems.PROBLEM_NAMES
+        for o in ("soaa", "soaa_hd"))
+    for optimizer in ("soaa", "soaa_hd"):
+        assert f"- **{report.NAMES[optimizer]}**: T1 " in section
 
 
 def test_options_cover_every_optimizer():
     assert compare.parse_args([]).optimizers == list(compare.DEFAULT_OPTIMIZERS)
-    assert {"soaa", "soaa_cosine", "adam", "adam_cosine",
-            "schedulefree"} <= set(compare.DEFAULT_OPTIMIZERS)
+    assert {"soaa", "soaa_cosine", "soaa_hd", "soaa_hd_cosine", "adam",
+            "adam_cosine", "schedulefree"} <= set(compare.DEFAULT_OPTIMIZERS)
+    assert compare.parse_args([]).hypergradient == {}
+    args = compare.parse_args(["--hd-radius-lr", "0.1", "--hd-bounds", "0.3,3"])
+    assert args.hypergradient == {"radius_learning_rate": 0.1,
+                                  "min_radius": 0.3, "max_radius": 3.0}
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--hd-bounds", "3,0.3"])
     assert compare.parse_args(["--optimizers", "all"]).optimizers == list(
         compare.OPTIMIZERS)
     assert {"muon", "lion", "adamw"} <= set(compare.OPTIMIZERS)
@@ -232,8 +275,164 @@ def test_options_cover_every_optimizer():
         assert name in report.NAMES and name in report.COLORS
 
 
+def test_hypergradient_variants_pass_the_controller_and_its_arguments():
+    optimizer = runner.make_optimizer("soaa_hd", 0.01)
+    assert optimizer.controller_name == "hypergradient"
+    assert (optimizer.radius_learning_rate, optimizer.min_radius,
+            optimizer.max_radius) == (0.05, 0.1, 10.0)
+    assert runner.make_optimizer("soaa", 0.01).controller_name == "paper"
+    saved = dict(runner.HYPERGRADIENT_ARGUMENTS)
+    try:
+        runner.HYPERGRADIENT_ARGUMENTS.update(radius_learning_rate=0.1,
+                                              min_radius=0.3, max_radius=3.0)
+        optimizer = runner.make_optimizer("soaa_hd_cosine", 0.01, steps=10)
+        assert optimizer.controller_name == "hypergradient"
+        assert (optimizer.radius_learning_rate, optimizer.min_radius,
+                optimizer.max_radius) == (0.1, 0.3, 3.0)
+        assert runner.hypergradient_arguments() == {
+            "radius_learning_rate": 0.1, "min_radius": 0.3, "max_radius": 3.0}
+    finally:
+        runner.HYPERGRADIENT_ARGUMENTS.clear()
+        runner.HYPERGRADIENT_ARGUMENTS.update(saved)
+
+
+def test_bound_fractions_with_constant_bounds_and_the_interior():
+    trace = [0.1, 0.1000001, 0.5, 10.0, 3.0, 9.99, 0.10001, 10.0]
+    # On a bound: within a relative 1e-5 (float32 rounding).
+    assert report.bound_fractions(trace, 8, bounds=(0.1, 10.0)) == (0.25, 0.25)
+    assert report.interior_fraction(trace, 8, bounds=(0.1, 10.0)) == 0.5
+    # The paper controller's narrowing bounds when none are given.
+    lower, upper = report.radius_bounds(4, 4)
+    paper = [lower[0], 1.5, upper[2], 1.0]
+    assert report.interior_fraction(paper, 4) == pytest.approx(0.5)
+
+
+def test_the_targets_figures_on_a_hand_made_summary():
+    def item(mean, std, steps, sweep, interior=None):
+        return {"final": {"mean": mean, "std": std}, "steps_to_adam": steps,
+                "sweep": {repr(lr): {"lr": lr, "mean": m}
+                          for lr, m in sweep.items()},
+                "interior": interior}
+
+    summary = {
+        # Within 2x of its best at 0.01..1: 2 decades; Adam's 0.1..1: 1.
+        "soaa_hd": item(1.0, 0.1, 70, {0.01: 1.9, 0.1: 1.0, 1.0: 1.5,
+                                        10.0: math.inf}, interior=0.9),
+        "adam": item(2.0, 0.1, 100, {0.01: 9.0, 0.1: 2.0, 1.0: 3.0}),
+        "adam_cosine": item(1.05, 0.01, 80, {0.1: 1.05}),
+        "schedulefree": item(1.5, 0.01, 90, {0.1: 1.5}),
+    }
+    figures = report.target_figures(summary, "soaa_hd")
+    assert figures["steps_ratio"] == pytest.approx(0.7)
+    assert figures["against_scheduled"] == "ties"  # 1.0 ± 0.1 vs 1.05 ± 0.01
+    assert figures["scheduled_peer"] == "adam_cosine"
+    assert figures["width"] == pytest.approx(2.0)
+    assert figures["adam_width"] == pytest.approx(1.0)
+    assert figures["interior"] == 0.9
+    other = dict(figures, steps_ratio=1.2, against_scheduled="loses",
+                 width=1.0, interior=0.3)
+    verdicts = report.target_verdicts({"a": figures, "b": other})
+    assert verdicts["T1"] == {"share_at_most_0.8": 0.5, "worst": 1.2,
+                              "pass": False}
+    assert verdicts["T2"] == {"share_ties_or_wins": 0.5, "pass": False}
+    assert verdicts["T3"] == {"share_wider": 0.5, "pass": False}
+    assert verdicts["T4_interior"]["min"] == 0.3
+    assert not verdicts["T4_interior"]["pass"]
+    summary["soaa_hd"]["steps_to_adam"] = None  # never reached
+    assert report.target_figures(summary, "soaa_hd")["steps_ratio"] == math.inf
+
+
+def test_plots_show_every_soaa_variant():
+    def entry(mean):
+        return {"final": {"mean": mean, "std": 0.0}}
+
+    summary = {name: entry(float(k)) for k, name in enumerate(
+        ["adam", "soaa_hd", "schedulefree", "soaa", "adam_cosine",
+         "soaa_hd_cosine", "soaa_cosine"])}
+    assert report.plotted(summary) == [
+        "adam", "soaa_hd", "schedulefree", "soaa", "soaa_hd_cosine",
+        "soaa_cosine"]
+
+
+def signal_setup(controller, steps=20):
+    problem = problems.make_problem("quadratic", steps=steps, quick=True)
+    x, y = problem.stream(0, problem.steps)
+    chunk = runner.steps_per_epoch(problem)
+
+    def make(adaptive):
+        if controller == "soaa_hd":
+            return keras_soaa.SOAA(
+                learning_rate=0.05, controller="hypergradient",
+                radius_learning_rate=0.05 if adaptive else 0.0)
+        return keras_soaa.SOAA(learning_rate=0.05,
+                               total_steps=None if adaptive else steps)
+
+    def model(adaptive):
+        keras.utils.set_random_seed(0)
+        built = problem.build_model(0)
+        built.compile(optimizer=make(adaptive), loss=problem.loss())
+        return built
+
+    def train(adaptive, extra=()):
+        return controller_signal.train(
+            model(adaptive), problem, 0, x, y, chunk, make(adaptive),
+            with_callback=adaptive or controller == "soaa_hd", extra=extra)
+
+    return problem, x, y, train
+
+
+@pytest.mark.parametrize("controller", ["soaa", "soaa_hd"])
+def test_the_placebo_replays_the_shuffled_radii(controller):
+    _, _, _, train = signal_setup(controller)
+    original = train(True)
+    radii = controller_signal.used_radii(original["radius"])
+    assert radii[0] == 1.0 and radii[1:] == original["radius"][:-1]
+    assert len(set(np.round(radii, 6))) > 3  # the controller moved d
+    # In time order, with the controller off, the replay reproduces the run.
+    in_order = train(False, [controller_signal.RadiusReplay(radii)])
+    np.testing.assert_allclose(in_order["loss"], original["loss"], rtol=1e-4)
+    # Shuffled: each step runs with the assigned radius, which the
+    # controller (off) leaves where it is.
+    shuffled = list(np.random.default_rng(0).permutation(radii))
+    assert shuffled != radii
+    placebo = train(False, [controller_signal.RadiusReplay(shuffled)])
+    np.testing.assert_allclose(placebo["radius"], shuffled, rtol=1e-5)
+    assert not np.allclose(placebo["loss"], original["loss"], rtol=1e-6)
+
+
+def test_the_oracle_probes_restore_the_run_exactly():
+    problem, x, y, train = signal_setup("soaa_hd")
+    plain = train(True)
+    probe_x, probe_y = problem.stream(10_000, 2)
+    oracle = controller_signal.OracleProbe(5, x, y, problem.batch_size,
+                                           probe_x, probe_y, problem.loss())
+    probed = train(True, [oracle])
+    np.testing.assert_allclose(probed["loss"], plain["loss"], rtol=1e-5)
+    np.testing.assert_allclose(probed["radius"], plain["radius"], rtol=1e-5)
+    assert [p["step"] for p in oracle.probes] == [5, 10, 15]
+    for probe in oracle.probes:
+        assert len(probe["losses"]) == len(controller_signal.MULTIPLIERS)
+        assert len(set(probe["losses"])) == len(probe["losses"])  # all ran
+        assert probe["best"] == controller_signal.MULTIPLIERS[
+            int(np.argmin(probe["losses"]))]
+        # The radius the step used: the one logged after the step before.
+        assert probe["radius"] == pytest.approx(plain["radius"][probe["step"] - 1],
+                                                rel=1e-6)
+
+
+def test_spearman_matches_scipy():
+    from scipy import stats
+
+    a = [0.9, 1.2, 1.2, 2.0, 0.5, 1.7]
+    b = [0.5, 1.0, 1.4, 2.0, 0.7, 1.0]
+    assert controller_signal.spearman(a, b) == pytest.approx(
+        stats.spearmanr(a, b).statistic)
+    assert math.isnan(controller_signal.spearman([1.0, 1.0], [0.5, 2.0]))
+
+
 @pytest.mark.parametrize(
-    "name", ["soaa_cosine", "adam_cosine", "adamw", "muon", "lion"])
+    "name", ["soaa_cosine", "soaa_hd_cosine", "adam_cosine", "adamw", "muon",
+             "lion"])
 def test_every_other_optimizer_trains(name):
     problem = problems.make_problem("digits", steps=10, quick=True)
     learning_rate = 0.01
@@ -242,7 +441,7 @@ def test_every_other_optimizer_trains(name):
     record = runner.run(model, problem, name, learning_rate, 0)
     assert len(record["loss"]) == 10 and np.all(np.isfinite(record["loss"]))
     assert 0 < record["held_out"] <= 1
-    assert (record["radius"] is not None) == (name == "soaa_cosine")
+    assert (record["radius"] is not None) == name.startswith("soaa")
     optimizer = model.optimizer
     assert int(keras.ops.convert_to_numpy(optimizer.iterations)) == 10
     lr = float(keras.ops.convert_to_numpy(optimizer.learning_rate))

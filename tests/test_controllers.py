@@ -174,3 +174,20 @@ def test_hypergradient_fit_saves_and_resumes_exactly():
     np.testing.assert_allclose(scalars_of(loaded.optimizer),
                                scalars_of(straight.optimizer),
                                rtol=1e-6, atol=1e-7)
+
+
+def test_hypergradient_fit_on_a_generator_needs_no_total_steps():
+    def batches():
+        rng = np.random.default_rng(0)
+        for _ in range(6):
+            x = rng.normal(size=(8, 2)).astype("float32")
+            yield x, x.sum(axis=1, keepdims=True)
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    optimizer = SOAA(learning_rate=0.05, controller="hypergradient")
+    model.compile(optimizer=optimizer, loss="mse")
+    history = model.fit(batches(), epochs=1, verbose=0,
+                        callbacks=[TrustRegionCallback()])
+    assert optimizer.total_steps is None
+    assert len(history.history["radius"]) == 1
+    assert float(to_numpy(optimizer.loss_count)) >= 5  # losses still counted
