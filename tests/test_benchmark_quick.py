@@ -124,11 +124,18 @@ def test_every_run_is_recorded_and_soaa_radius_stays_in_its_bounds(quick_run):
                     assert len(radius) == steps
                     assert np.all((radius >= 0.1 * (1 - 1e-6))
                                   & (radius <= 10.0 * (1 + 1e-6)))
-                    # It moves after every step, by at most rate·|cos| ≤ 0.05
-                    # in log d (starting from 1).
+                    # It moves after every step but the first (no previous
+                    # direction yet), by at most rate·|cos| ≤ 0.05 in log d.
                     steps_in_log = np.diff(np.log(np.concatenate([[1.0], radius])))
                     assert np.all(np.abs(steps_in_log) <= 0.05 + 1e-5)
-                    assert np.all(steps_in_log != 0)
+                    assert np.all(steps_in_log[1:] != 0)
+                    # Known keras_soaa deviation on TensorFlow (reported with
+                    # issue 17): there q_prev is built from the moments
+                    # already updated by this step (the variable read aliases
+                    # the assignment), so the first step moves d too. When
+                    # the library is fixed this fails: drop the exception.
+                    moved_first = keras.backend.backend() == "tensorflow"
+                    assert (steps_in_log[0] != 0) == moved_first
                     continue
                 assert record["radius_bounds"] is None
                 # Probed at steps 1 and 11, ... (every 10 steps).
@@ -235,7 +242,8 @@ def test_the_verdict_names_the_strongest_optimizer(quick_run):
         assert line.startswith(f"- **{name}**: best {report.NAMES[winner]} (")
         assert f"against {report.NAMES[other]} (" in line
         for soaa in ("soaa", "soaa_hd"):
-            rank = sorted(best.values()).index(best[soaa]) + 1
+            # Equal losses keep the run's order.
+            rank = sorted(best, key=best.get).index(soaa) + 1
             assert f"{report.NAMES[soaa]} (rank {rank} of {len(best)})" in line
 
 
@@ -418,6 +426,15 @@ def test_the_oracle_probes_restore_the_run_exactly():
         # The radius the step used: the one logged after the step before.
         assert probe["radius"] == pytest.approx(plain["radius"][probe["step"] - 1],
                                                 rel=1e-6)
+
+
+def test_the_local_shuffle_keeps_each_window():
+    values = list(range(10))
+    shuffled = controller_signal.shuffled_within(values, 4,
+                                                 np.random.default_rng(0))
+    assert shuffled != values
+    for start in (0, 4, 8):
+        assert sorted(shuffled[start:start + 4]) == values[start:start + 4]
 
 
 def test_spearman_matches_scipy():
