@@ -456,6 +456,16 @@ class SOAA(keras.optimizers.Optimizer):
             self.beta_1, self.beta_2, dtype,
         )
 
+    def _add_hypergradient_sums(self, gradient, m, v, scalars, is_finite):
+        """Adds one variable's `maths.hypergradient_sums` (old moments)."""
+        step_sums = maths.hypergradient_sums(
+            gradient, maths.previous_step_quotient(m, v, scalars, self.epsilon)
+        )
+        for total, value in zip(self._hypergradient_sums, step_sums):
+            self.assign_add(
+                total, maths.finite_or_zero(ops.cast(value, "float32"), is_finite)
+            )
+
     def update_step(self, gradient, variable, learning_rate):
         """Update step given gradient and the associated model variable."""
         if 0 in tuple(variable.shape):
@@ -485,11 +495,8 @@ class SOAA(keras.optimizers.Optimizer):
         )
         is_finite = maths.is_finite_step(c, sum_v_hat_eps, scalars)
         if self._hypergradient_sums is not None:
-            # From the old moments, before they are assigned (in place on
-            # torch).
-            step_sums = maths.hypergradient_sums(
-                gradient, maths.previous_step_quotient(m, v, scalars, self.epsilon)
-            )
+            # Before `m` and `v` are assigned: on torch that writes in place.
+            self._add_hypergradient_sums(gradient, m, v, scalars, is_finite)
 
         self.assign(m_variable, ops.where(is_finite, new_m, m))
         self.assign(v_variable, ops.where(is_finite, new_v, v))
@@ -497,11 +504,6 @@ class SOAA(keras.optimizers.Optimizer):
         self.assign_add(
             self._predicted_reduction, maths.finite_or_zero(predicted, is_finite)
         )
-        if self._hypergradient_sums is not None:
-            for total, value in zip(self._hypergradient_sums, step_sums):
-                self.assign_add(
-                    total, maths.finite_or_zero(ops.cast(value, "float32"), is_finite)
-                )
 
     def observe_loss(self, loss):
         """Feeds one observed training loss to the trust-region controller.
