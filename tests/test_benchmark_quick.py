@@ -128,14 +128,7 @@ def test_every_run_is_recorded_and_soaa_radius_stays_in_its_bounds(quick_run):
                     # direction yet), by at most rate·|cos| ≤ 0.05 in log d.
                     steps_in_log = np.diff(np.log(np.concatenate([[1.0], radius])))
                     assert np.all(np.abs(steps_in_log) <= 0.05 + 1e-5)
-                    assert np.all(steps_in_log[1:] != 0)
-                    # Known keras_soaa deviation on TensorFlow (reported with
-                    # issue 17): there q_prev is built from the moments
-                    # already updated by this step (the variable read aliases
-                    # the assignment), so the first step moves d too. When
-                    # the library is fixed this fails: drop the exception.
-                    moved_first = keras.backend.backend() == "tensorflow"
-                    assert (steps_in_log[0] != 0) == moved_first
+                    assert steps_in_log[0] == 0 and np.all(steps_in_log[1:] != 0)
                     continue
                 assert record["radius_bounds"] is None
                 # Probed at steps 1 and 11, ... (every 10 steps).
