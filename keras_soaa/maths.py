@@ -1,8 +1,9 @@
 """SOAA's arithmetic: pure `keras.ops` functions, one per quantity of the spec.
 
-The leaf of the package: it imports nothing from `keras_soaa`. The optimizer's
-`update_step`, the backend fast paths (`keras_soaa/backends/`) and the
-controller (`trust_region.py`) all compute through it, in this order:
+The leaf of the package: it imports nothing from `keras_soaa`, and the rest
+imports it (the controllers in `trust_region.py` take `bias_correction`).
+The optimizer's `update_step` and the backend fast paths
+(`keras_soaa/backends/`) compute a step through it, in this order:
 
 ```
 scalars   = step_scalars(...)                     # eta, 1 - beta^t, d
