@@ -58,6 +58,13 @@ OPTIMIZERS = ("soaa", "soaa_cosine", "soaa_hd", "soaa_hd_cosine", "adam",
               "adam_cosine", "adamw", "schedulefree", "muon", "lion")
 DEFAULT_OPTIMIZERS = ("soaa", "soaa_cosine", "soaa_hd", "soaa_hd_cosine",
                       "adam", "adam_cosine", "schedulefree")
+# Issue 17's prototype controllers (`designs.py`), run only when named.
+DESIGN_OPTIMIZERS = tuple(
+    name + suffix
+    for name in ("soaa_ratio", "soaa_ratio_log", "soaa_hd_snr",
+                 "soaa_ratio_t", "soaa_ratio_log_t")
+    for suffix in ("", "_cosine")
+)
 QUICK_STEPS = 10
 
 
@@ -99,7 +106,8 @@ def parse_args(argv=None):
         args.optimizers = list(OPTIMIZERS)
     else:
         args.optimizers = [name.strip() for name in args.optimizers.split(",")]
-    unknown = sorted(set(args.optimizers) - set(OPTIMIZERS))
+    unknown = sorted(set(args.optimizers) - set(OPTIMIZERS)
+                     - set(DESIGN_OPTIMIZERS))
     if unknown:
         parser.error(f"unknown optimizer(s) {unknown}; choose from {OPTIMIZERS}")
     if args.seeds is None:

@@ -27,6 +27,17 @@ NAMES = {
     "schedulefree": "ScheduleFreeAdamW",
     "muon": "Muon",
     "lion": "Lion",
+    # Issue 17's prototype controllers (`designs.py`).
+    "soaa_ratio": "SOAA-ratio",
+    "soaa_ratio_cosine": "SOAA-ratio + cosine",
+    "soaa_ratio_log": "SOAA-ratio-log",
+    "soaa_ratio_log_cosine": "SOAA-ratio-log + cosine",
+    "soaa_hd_snr": "SOAA-HD-SNR",
+    "soaa_hd_snr_cosine": "SOAA-HD-SNR + cosine",
+    "soaa_ratio_t": "SOAA-ratio (0.1/0.5)",
+    "soaa_ratio_t_cosine": "SOAA-ratio (0.1/0.5) + cosine",
+    "soaa_ratio_log_t": "SOAA-ratio-log (0.25)",
+    "soaa_ratio_log_t_cosine": "SOAA-ratio-log (0.25) + cosine",
 }
 COLORS = {
     "soaa": "tab:red",
@@ -39,11 +50,24 @@ COLORS = {
     "schedulefree": "tab:purple",
     "muon": "tab:brown",
     "lion": "tab:olive",
+    "soaa_ratio": "darkred",
+    "soaa_ratio_cosine": "salmon",
+    "soaa_ratio_log": "darkgoldenrod",
+    "soaa_ratio_log_cosine": "gold",
+    "soaa_hd_snr": "indigo",
+    "soaa_hd_snr_cosine": "violet",
+    "soaa_ratio_t": "black",
+    "soaa_ratio_t_cosine": "dimgray",
+    "soaa_ratio_log_t": "teal",
+    "soaa_ratio_log_t_cosine": "turquoise",
 }
-SOAA_VARIANTS = ("soaa", "soaa_cosine", "soaa_hd", "soaa_hd_cosine")
+DESIGN_VARIANTS = tuple(name for name in NAMES if name.startswith(
+    ("soaa_ratio", "soaa_hd_snr")))
+SOAA_VARIANTS = ("soaa", "soaa_cosine", "soaa_hd", "soaa_hd_cosine",
+                 *DESIGN_VARIANTS)
 # SOAA with `controller="hypergradient"`: constant radius bounds
 # [min_radius, max_radius], stored in each run's record.
-HYPERGRADIENT_VARIANTS = ("soaa_hd", "soaa_hd_cosine")
+HYPERGRADIENT_VARIANTS = ("soaa_hd", "soaa_hd_cosine", *DESIGN_VARIANTS)
 # The loss and sweep panels show SOAA's variants and this many of the others,
 # the strongest first (every optimizer stays in the tables).
 PLOTTED_OTHERS = 2

@@ -3,6 +3,7 @@
 import re
 import time
 
+import designs
 import keras
 import numpy as np
 from keras import ops
@@ -21,11 +22,16 @@ HYPERGRADIENT_ARGUMENTS = {}
 
 
 def is_soaa(name):
-    return name in SOAA_VARIANTS
+    return name in SOAA_VARIANTS or is_design(name)
+
+
+def is_design(name):
+    """A prototype controller of `designs.py` (issue 17's candidates)."""
+    return name in designs.names()
 
 
 def is_hypergradient(name):
-    return name in HYPERGRADIENT_VARIANTS
+    return name in HYPERGRADIENT_VARIANTS or is_design(name)
 
 
 def hypergradient_arguments(overrides=None):
@@ -75,6 +81,8 @@ def make_optimizer(name, learning_rate, steps=None, model=None):
         if steps is None:
             raise ValueError(f"{name} needs the run's number of steps")
         learning_rate = cosine_to_zero(learning_rate, steps)
+    if is_design(name):
+        return designs.make(name, learning_rate)
     if name in HYPERGRADIENT_VARIANTS:
         return keras_soaa.SOAA(learning_rate=learning_rate,
                                controller="hypergradient",
