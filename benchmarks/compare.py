@@ -3,10 +3,10 @@
     python benchmarks/compare.py [--problems digits,rosenbrock] [--quick]
         [--optimizers soaa,adam,schedulefree,muon | all] [--backend jax]
         [--seeds 3] [--steps N] [--lrs 1e-3,3e-3,1e-2] [--out runs/benchmark]
-        [--hd-radius-lr 0.05] [--hd-bounds 0.1,10]
+        [--hd-radius-lr 0.05] [--hd-bounds 0.1,10] [--merge runs/benchmark]
 
-Optimizers (default: soaa, soaa_cosine, soaa_hd, soaa_hd_cosine, adam,
-adam_cosine, schedulefree):
+Optimizers (default: soaa, soaa_cosine, soaa_hd, soaa_hd_cosine, soaa_gr,
+soaa_gr_cosine, adam, adam_cosine, schedulefree):
 
 - `soaa`: `keras_soaa.SOAA`, constant learning rate (the paper's setting).
 - `soaa_cosine`: SOAA with `keras.optimizers.schedules.CosineDecay` from the
@@ -16,6 +16,10 @@ adam_cosine, schedulefree):
   (hypergradient descent on log d) instead of the observed losses; SOAA's
   defaults for its `radius_learning_rate`, `min_radius` and `max_radius`
   unless `--hd-radius-lr` / `--hd-bounds` set them.
+- `soaa_gr`, `soaa_gr_cosine`: the same two with
+  `SOAA(controller="gradient_ratio")` at its defaults: the radius follows
+  the smoothed ratio of actual to predicted reduction, both read from the
+  gradients.
 - `adam`, `adam_cosine`: Keras' Adam, constant or with the same cosine decay.
 - `adamw`: Keras' AdamW (weight decay 0.004).
 - `schedulefree`: `keras.optimizers.ScheduleFreeAdamW`. Keras keeps its
@@ -54,10 +58,12 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-OPTIMIZERS = ("soaa", "soaa_cosine", "soaa_hd", "soaa_hd_cosine", "adam",
-              "adam_cosine", "adamw", "schedulefree", "muon", "lion")
+OPTIMIZERS = ("soaa", "soaa_cosine", "soaa_hd", "soaa_hd_cosine", "soaa_gr",
+              "soaa_gr_cosine", "adam", "adam_cosine", "adamw",
+              "schedulefree", "muon", "lion")
 DEFAULT_OPTIMIZERS = ("soaa", "soaa_cosine", "soaa_hd", "soaa_hd_cosine",
-                      "adam", "adam_cosine", "schedulefree")
+                      "soaa_gr", "soaa_gr_cosine", "adam", "adam_cosine",
+                      "schedulefree")
 # Issue 17's prototype controllers (`designs.py`), run only when named.
 DESIGN_OPTIMIZERS = tuple(
     name + suffix
@@ -101,6 +107,11 @@ def parse_args(argv=None):
     parser.add_argument("--hd-bounds", default=None,
                         help="the hypergradient controller's min_radius,"
                         "max_radius, e.g. 0.1,10 (default: SOAA's)")
+    parser.add_argument("--merge", default=None,
+                        help="a previous run's folder: its runs of the "
+                        "optimizers not run now join this report (same "
+                        "problems, seeds and grids; JAX on CPU is "
+                        "deterministic, so they are what a rerun would give)")
     args = parser.parse_args(argv)
     if args.optimizers.strip() == "all":
         args.optimizers = list(OPTIMIZERS)
@@ -126,6 +137,32 @@ def parse_args(argv=None):
                          "0 < min_radius <= max_radius")
         args.hypergradient.update(min_radius=bounds[0], max_radius=bounds[1])
     return args
+
+
+def merge_previous(results, config, folder):
+    """Adds `folder`'s runs of the optimizers not run now to `results`."""
+    with open(os.path.join(folder, "results.json")) as file:
+        previous = json.load(file)
+    if previous["config"]["seeds"] != config["seeds"]:
+        raise SystemExit(f"--merge: {folder} has seeds "
+                         f"{previous['config']['seeds']}, this run "
+                         f"{config['seeds']}")
+    added = []
+    for name, entry in results.items():
+        old = previous["results"].get(name)
+        if old is None:
+            raise SystemExit(f"--merge: {folder} has no problem {name!r}")
+        if old["problem"] != entry["problem"]:
+            raise SystemExit(f"--merge: {name} differs in {folder}")
+        merged = {o: r for o, r in old["runs"].items() if o not in entry["runs"]}
+        added = list(merged)
+        entry["runs"] = {**merged, **entry["runs"]}
+    config["optimizers"] = added + config["optimizers"]
+    config["merged_from"] = {"folder": folder,
+                             "optimizers": added,
+                             "minutes": previous["config"]["minutes"]}
+    if "hypergradient" in previous["config"]:
+        config.setdefault("hypergradient", previous["config"]["hypergradient"])
 
 
 def quick_grid(lrs):
@@ -216,6 +253,8 @@ def main(argv=None):
         }
         runner.free_memory()
     config["minutes"] = (time.perf_counter() - start) / 60
+    if args.merge:
+        merge_previous(results, config, args.merge)
 
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as file:

@@ -23,7 +23,8 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-LIBRARY = ("soaa", "soaa_cosine", "soaa_hd", "soaa_hd_cosine")
+LIBRARY = ("soaa", "soaa_cosine", "soaa_hd", "soaa_hd_cosine", "soaa_gr",
+           "soaa_gr_cosine")
 DEFAULT_DESIGNS = ("soaa_ratio", "soaa_ratio_log", "soaa_hd_snr",
                    "soaa_ratio_t", "soaa_ratio_t_cosine", "soaa_ratio_log_t")
 

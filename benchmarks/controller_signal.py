@@ -1,4 +1,4 @@
-"""Does SOAA's trust-region radius carry signal? Paper vs hypergradient controller.
+"""Does SOAA's trust-region radius carry signal? The three controllers compared.
 
     python benchmarks/controller_signal.py [--results runs/benchmark/results.json]
         [--problems digits,quadratic,breast_cancer] [--seeds 3] [--every 10]
@@ -7,7 +7,8 @@
         [--out benchmarks/results/controller_signal.md]
 
 For each problem and controller (`soaa`: the paper's loss-ratio controller;
-`soaa_hd`: `controller="hypergradient"`), at the controller's tuned learning
+`soaa_hd`: `controller="hypergradient"`; `soaa_gr`:
+`controller="gradient_ratio"`), at the controller's tuned learning
 rate (read from a `compare.py` `results.json`, or given with `--lr`), over
 the seeds:
 
@@ -68,7 +69,7 @@ from keras import ops  # noqa: E402
 import keras_soaa  # noqa: E402
 from keras_soaa._keras_internals import sync_trainer_state  # noqa: E402
 
-CONTROLLERS = ("soaa", "soaa_hd")
+CONTROLLERS = ("soaa", "soaa_hd", "soaa_gr")
 MULTIPLIERS = (0.5, 0.7, 1.0, 1.4, 2.0)
 DEFAULT_PROBLEMS = ("digits", "quadratic", "breast_cancer")
 PROBE_ROWS = 256
@@ -180,6 +181,10 @@ def main(argv=None):
                 arguments["radius_learning_rate"] = 0.0
             return keras_soaa.SOAA(learning_rate=learning_rate,
                                    controller="hypergradient", **arguments)
+        if controller == "soaa_gr":  # SOAA's defaults
+            return keras_soaa.SOAA(
+                learning_rate=learning_rate, controller="gradient_ratio",
+                **({} if adaptive else {"radius_learning_rate": 0.0}))
         # Paper: without `TrustRegionCallback` no loss is observed and the
         # radius stays wherever it is put; `total_steps` set, as a custom
         # loop would (no warning).
@@ -224,7 +229,8 @@ def main(argv=None):
                                  with_callback=True, extra=[oracle])
                 radii = used_radii(original["radius"])
                 bounds = ([hd["min_radius"], hd["max_radius"]]
-                          if controller == "soaa_hd" else None)
+                          if controller == "soaa_hd"
+                          else [0.1, 10.0] if controller == "soaa_gr" else None)
                 interior = report.interior_fraction(
                     original["radius"], problem.steps, bounds)
                 rng = np.random.default_rng(1000 + seed)
@@ -240,7 +246,7 @@ def main(argv=None):
                     replay = RadiusReplay(trajectory)
                     run = train(compiled(False), problem, seed, x, y, chunk,
                                 make(controller, lr, False, problem.steps),
-                                with_callback=controller == "soaa_hd",
+                                with_callback=controller != "soaa",
                                 extra=[replay])
                     finals[label] = run["final"]
                 rows["seeds"].append({
@@ -407,10 +413,11 @@ def markdown(results):
         "`python benchmarks/controller_signal.py` "
         f"({config['backend']}, {config['seeds']} seeds, "
         f"{config.get('minutes', 0):.1f} minutes). Controllers: **paper** "
-        "(SOAA's default, the loss-ratio ρ) and **hypergradient** "
+        "(SOAA's default, the loss-ratio ρ), **hypergradient** "
         "(`controller=\"hypergradient\"`, "
         + ", ".join(f"{k}={v:g}" for k, v in hd.items())
-        + "), each at its tuned learning rate. Finals: the mean training "
+        + ") and **gradient ratio** (`controller=\"gradient_ratio\"`, "
+        "SOAA's defaults), each at its tuned learning rate. Finals: the mean training "
         "loss of the last 10% of steps, mean over seeds.",
         "",
         "- **interior**: share of steps with d strictly inside its bounds.",
@@ -436,7 +443,8 @@ def markdown(results):
         "oracle ρ_s(d, c*) | mean log2 c* | c* > 1 |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    names = {"soaa": "paper", "soaa_hd": "hypergradient"}
+    names = {"soaa": "paper", "soaa_hd": "hypergradient",
+             "soaa_gr": "gradient ratio"}
     for problem, entry in results["problems"].items():
         for controller, rows in entry.items():
             seeds = rows["seeds"]

@@ -21,6 +21,8 @@ NAMES = {
     "soaa_cosine": "SOAA + cosine",
     "soaa_hd": "SOAA-HD",
     "soaa_hd_cosine": "SOAA-HD + cosine",
+    "soaa_gr": "SOAA-GR",
+    "soaa_gr_cosine": "SOAA-GR + cosine",
     "adam": "Adam",
     "adam_cosine": "Adam + cosine",
     "adamw": "AdamW",
@@ -44,6 +46,8 @@ COLORS = {
     "soaa_cosine": "tab:orange",
     "soaa_hd": "tab:pink",
     "soaa_hd_cosine": "tab:gray",
+    "soaa_gr": "darkgreen",
+    "soaa_gr_cosine": "lime",
     "adam": "tab:blue",
     "adam_cosine": "tab:cyan",
     "adamw": "tab:green",
@@ -64,10 +68,11 @@ COLORS = {
 DESIGN_VARIANTS = tuple(name for name in NAMES if name.startswith(
     ("soaa_ratio", "soaa_hd_snr")))
 SOAA_VARIANTS = ("soaa", "soaa_cosine", "soaa_hd", "soaa_hd_cosine",
-                 *DESIGN_VARIANTS)
+                 "soaa_gr", "soaa_gr_cosine", *DESIGN_VARIANTS)
 # SOAA with `controller="hypergradient"`: constant radius bounds
 # [min_radius, max_radius], stored in each run's record.
-HYPERGRADIENT_VARIANTS = ("soaa_hd", "soaa_hd_cosine", *DESIGN_VARIANTS)
+HYPERGRADIENT_VARIANTS = ("soaa_hd", "soaa_hd_cosine", "soaa_gr",
+                          "soaa_gr_cosine", *DESIGN_VARIANTS)
 # The loss and sweep panels show SOAA's variants and this many of the others,
 # the strongest first (every optimizer stays in the tables).
 PLOTTED_OTHERS = 2
@@ -683,6 +688,17 @@ def write(results, config, out_dir):
             "observed loss moves it (`TrustRegionCallback` only logs it). "
             "*SOAA* and *SOAA + cosine* use the paper's loss-ratio "
             "controller.",
+            "",
+        ]),
+        *([] if not any(o.startswith("soaa_gr") for o in config["optimizers"])
+          else [
+            "*SOAA-GR*: `SOAA(controller=\"gradient_ratio\")` at its "
+            "defaults (`radius_learning_rate=0.05`, `min_radius=0.1`, "
+            "`max_radius=10`): after every step ρ = (1 + A/P)/2 from "
+            "running averages of g_t·u_{t−1} (A) and m̂_{t−1}·u_{t−1} (P); "
+            "log d grows by radius_learning_rate where ρ > 0.5 and shrinks "
+            "by it where ρ < 0.1, clipped to [min_radius, max_radius]; no "
+            "observed loss moves it.",
             "",
         ]),
         *([] if config["backend"] == "jax" or "schedulefree"

@@ -14,8 +14,11 @@ import keras_soaa
 # the run by `keras.optimizers.schedules.CosineDecay` (peak: the grid's rate).
 # `soaa_hd*`: SOAA with `controller="hypergradient"` (the radius follows the
 # gradients); `soaa`, `soaa_cosine`: the paper's loss-ratio controller.
-SOAA_VARIANTS = ("soaa", "soaa_cosine", "soaa_hd", "soaa_hd_cosine")
+# `soaa_gr*`: SOAA with `controller="gradient_ratio"`.
+SOAA_VARIANTS = ("soaa", "soaa_cosine", "soaa_hd", "soaa_hd_cosine",
+                 "soaa_gr", "soaa_gr_cosine")
 HYPERGRADIENT_VARIANTS = ("soaa_hd", "soaa_hd_cosine")
+GRADIENT_RATIO_VARIANTS = ("soaa_gr", "soaa_gr_cosine")
 # The hypergradient controller's arguments the benchmark passes explicitly
 # (`compare.py --hd-radius-lr / --hd-bounds`); empty: SOAA's defaults.
 HYPERGRADIENT_ARGUMENTS = {}
@@ -31,7 +34,9 @@ def is_design(name):
 
 
 def is_hypergradient(name):
-    return name in HYPERGRADIENT_VARIANTS or is_design(name)
+    """A gradient-driven controller (constant radius bounds)."""
+    return (name in HYPERGRADIENT_VARIANTS or name in GRADIENT_RATIO_VARIANTS
+            or is_design(name))
 
 
 def hypergradient_arguments(overrides=None):
@@ -83,6 +88,9 @@ def make_optimizer(name, learning_rate, steps=None, model=None):
         learning_rate = cosine_to_zero(learning_rate, steps)
     if is_design(name):
         return designs.make(name, learning_rate)
+    if name in GRADIENT_RATIO_VARIANTS:
+        return keras_soaa.SOAA(learning_rate=learning_rate,
+                               controller="gradient_ratio")
     if name in HYPERGRADIENT_VARIANTS:
         return keras_soaa.SOAA(learning_rate=learning_rate,
                                controller="hypergradient",

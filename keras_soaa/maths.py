@@ -16,8 +16,9 @@ predicted = predicted_reduction(*predicted_reduction_sums(new_m, new_v, q), scal
 ok        = is_finite_step(c, sum_v_hat_eps, scalars)
 ```
 
-and, for the hypergradient controller, `hypergradient_sums(g,
-previous_step_quotient(m, v, scalars, epsilon))` from the old moments.
+and, for the gradient-driven controllers, `hypergradient_sums(g, q_prev)`
+or `ratio_sums(g, m, q_prev)` with `q_prev = previous_step_quotient(m, v,
+scalars, epsilon)`, from the old moments.
 
 The bias corrections are folded into scalars (`m_hat`, `v_hat` and `u` are
 never made as arrays): with `q = new_m / (r + epsilon)` and `a = d / (1 -
@@ -244,6 +245,19 @@ def hypergradient_sums(gradient, previous_quotient):
         ops.sum(ops.multiply(gradient, previous_quotient)),
         ops.sum(ops.square(gradient)),
         ops.sum(ops.square(previous_quotient)),
+    )
+
+
+def ratio_sums(gradient, m, previous_quotient):
+    """Returns `(sum(g * q_prev), sum(m * q_prev))` of one variable.
+
+    The gradient-ratio controller's inputs: the previous step's reduction as
+    this step's gradient sees it, and as its own momentum predicted it (`m`
+    is the momentum before this step's update).
+    """
+    return (
+        ops.sum(ops.multiply(gradient, previous_quotient)),
+        ops.sum(ops.multiply(m, previous_quotient)),
     )
 
 

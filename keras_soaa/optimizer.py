@@ -14,15 +14,29 @@ from keras_soaa.compile import CompiledCache, compile_state_update, read_value
 # restores optimizer variables by position. Version 1: the paper controller's
 # five scalars; version 2 adds the hypergradient controller's three sums
 # (only `controller="hypergradient"` has them: a version-1 file is a paper
-# one and loads as before).
-STATE_LAYOUT_VERSION = 2
+# one and loads as before); version 3 the gradient-ratio controller's two
+# sums and two averages (only `controller="gradient_ratio"`).
+STATE_LAYOUT_VERSION = 3
+# The state layout each controller saves.
+CONTROLLER_LAYOUT_VERSIONS = {"paper": 1, "hypergradient": 2, "gradient_ratio": 3}
 
 # The controller's scalar variables, in the order they are created and saved.
 SCALAR_STATE_NAMES = trust_region.STATE_NAMES
-# The hypergradient controller's per-step sums, created after them.
+# The gradient-driven controllers' per-step sums and running averages,
+# created after them.
 HYPERGRADIENT_SUM_NAMES = tuple(
     f"hypergradient_{name}" for name in trust_region.HypergradientSums._fields
 )
+RATIO_SUM_NAMES = tuple(
+    f"ratio_{name}" for name in trust_region.RatioSums._fields
+)
+RATIO_AVERAGE_NAMES = tuple(
+    f"ratio_{name}_average" for name in trust_region.RatioAverages._fields
+)
+GRADIENT_CONTROLLER_VARIABLES = {
+    "hypergradient": (HYPERGRADIENT_SUM_NAMES, ()),
+    "gradient_ratio": (RATIO_SUM_NAMES, RATIO_AVERAGE_NAMES),
+}
 
 
 def moment_dtype(dtype):
@@ -96,6 +110,26 @@ class SOAA(keras.optimizers.Optimizer):
     (hypergradient descent on `log d`: `d` grows while the gradient keeps
     pointing along the last step, and shrinks when the step overshot).
 
+    With `controller="gradient_ratio"` (a trust region judged by the
+    gradients) the previous step's actual reduction, as this step's gradient
+    sees it (trapezoid rule), is compared with its predicted one; both are
+    averaged over steps before the ratio is taken (`t` the step number):
+
+    ```
+    A   = 0.9 * A + 0.1 * (1 - beta_1**(t-1)) * sum(g * q_prev)
+    P   = 0.9 * P + 0.1 * sum(m_old * q_prev)
+    rho = (1 + A / P) / 2
+    log d = clip(log d + radius_learning_rate * ([rho > 0.5] - [rho < 0.1]),
+                 log(min_radius), log(max_radius))
+    ```
+
+    (a step is skipped by the averages when `P`'s term is 0 or a sum is not
+    finite). The thresholds 0.1 and 0.5 bracket `rho` at a well-tuned
+    constant rate (README, "Trust-region controllers"): `d` grows while
+    steps keep reducing the loss as predicted, shrinks when they overshoot,
+    and holds in between. Its radius does not decay by itself: use it with a
+    decaying learning-rate schedule (e.g. cosine).
+
     A variable whose gradient holds a NaN or an infinity is left exactly as
     it was for that step (weights, moments, no weight decay, nothing added to
     the predicted reduction); so is one whose `g**2` overflows the moments'
@@ -136,12 +170,13 @@ class SOAA(keras.optimizers.Optimizer):
         initial_radius: Float > 0. The radius before the first observed
             loss. Defaults to `1.0`.
         controller: `"paper"` (the paper's loss-ratio controller, fed by
-            `observe_loss` / `TrustRegionCallback`) or `"hypergradient"`
-            (the radius adapts from the gradients at every step; no
-            observed loss needed). Defaults to `"paper"`.
-        radius_learning_rate: Float >= 0. The hypergradient controller's
-            step on `log d` per unit cosine. Defaults to `0.05`.
-        min_radius: Float > 0. The hypergradient controller's lower bound
+            `observe_loss` / `TrustRegionCallback`), `"hypergradient"` or
+            `"gradient_ratio"` (the radius adapts from the gradients at
+            every step; no observed loss needed). Defaults to `"paper"`.
+        radius_learning_rate: Float >= 0. The gradient-driven controllers'
+            step on `log d` (per unit cosine for `"hypergradient"`, per
+            step for `"gradient_ratio"`). Defaults to `0.05`.
+        min_radius: Float > 0. The gradient-driven controllers' lower bound
             on `d`. Defaults to `0.1`.
         max_radius: Float >= `min_radius`. Its upper bound. Defaults to
             `10.0`. `radius_bound` and `total_steps` only concern the
@@ -260,15 +295,20 @@ class SOAA(keras.optimizers.Optimizer):
                 name=name,
             )
             setattr(self, f"_{name}", variable)
-        self._hypergradient_sums = None
-        if self.controller_name == "hypergradient":
-            self._hypergradient_sums = trust_region.HypergradientSums(*(
+        sum_names, average_names = GRADIENT_CONTROLLER_VARIABLES.get(
+            self.controller_name, ((), ())
+        )
+        self._gradient_sums, self._gradient_averages = (
+            tuple(
                 self.add_variable(
                     shape=(), initializer="zeros", dtype="float32",
                     aggregation="only_first_replica", name=name,
                 )
-                for name in HYPERGRADIENT_SUM_NAMES
-            ))
+                for name in names
+            )
+            or None
+            for names in (sum_names, average_names)
+        )
 
     def apply(self, grads, trainable_variables=None):
         """Applies one step (see `keras.optimizers.Optimizer.apply`).
@@ -344,8 +384,12 @@ class SOAA(keras.optimizers.Optimizer):
         configurations give equal controllers. `observe_loss` and
         `TrustRegionCallback` run it.
         """
-        if self.controller_name == "hypergradient":
-            return trust_region.HypergradientController(
+        gradient_controllers = {
+            "hypergradient": trust_region.HypergradientController,
+            "gradient_ratio": trust_region.GradientRatioController,
+        }
+        if self.controller_name in gradient_controllers:
+            return gradient_controllers[self.controller_name](
                 radius_learning_rate=self.radius_learning_rate,
                 min_radius=self.min_radius,
                 max_radius=self.max_radius,
@@ -389,7 +433,7 @@ class SOAA(keras.optimizers.Optimizer):
             self._update_variables(grads, trainable_variables, learning_rate, fused)
 
     def _update_variables(self, grads, trainable_variables, learning_rate, fused):
-        """Updates every variable, then (hypergradient) adapts the radius.
+        """Updates every variable, then (gradient-driven) adapts the radius.
 
         `fused` is the backend's fused update step, or `None` for the
         per-variable `update_step`.
@@ -398,16 +442,25 @@ class SOAA(keras.optimizers.Optimizer):
             self._fused_update(fused, grads, trainable_variables, learning_rate)
         else:
             super()._backend_update_step(grads, trainable_variables, learning_rate)
-        if self._hypergradient_sums is not None:
+        if self._gradient_sums is not None:
             self._adapt_radius_to_gradients()
 
     def _adapt_radius_to_gradients(self):
-        """The hypergradient controller's step, from this step's sums."""
-        sums = trust_region.HypergradientSums(
-            *map(read_value, self._hypergradient_sums)
+        """The gradient-driven controller's step, from this step's sums."""
+        controller = self.controller()
+        sums = controller.sums_type(*map(read_value, self._gradient_sums))
+        averages = None
+        if self._gradient_averages is not None:
+            averages = controller.averages_type(
+                *map(read_value, self._gradient_averages)
+            )
+        radius, averages = controller.adapt(
+            self._radius, averages, sums, self.iterations
         )
-        self._radius.assign(self.controller().adapt(self._radius, sums))
-        for variable in self._hypergradient_sums:
+        self._radius.assign(radius)
+        for variable, value in zip(self._gradient_averages or (), averages or ()):
+            variable.assign(value)
+        for variable in self._gradient_sums:
             variable.assign(0.0)
 
     def _fused_update(self, fused, grads, trainable_variables, learning_rate):
@@ -420,7 +473,7 @@ class SOAA(keras.optimizers.Optimizer):
             dtype = self._momentums[index].dtype
             groups.setdefault(dtype, []).append((grad, variable, index))
         for dtype, members in groups.items():
-            predicted, hypergradient_sums = fused(
+            predicted, gradient_sums = fused(
                 [ops.convert_to_tensor(grad) for grad, _, _ in members],
                 [variable.value for _, variable, _ in members],
                 [self._momentums[i].value for _, _, i in members],
@@ -430,13 +483,13 @@ class SOAA(keras.optimizers.Optimizer):
                 beta_1=self.beta_1,
                 beta_2=self.beta_2,
                 epsilon=self.epsilon,
-                hypergradient=self._hypergradient_sums is not None,
+                gradient_sums=(
+                    None if self._gradient_sums is None else self.controller_name
+                ),
             )
             self._predicted_reduction.assign_add(predicted)
-            if hypergradient_sums is not None:
-                for variable, value in zip(
-                    self._hypergradient_sums, hypergradient_sums
-                ):
+            if gradient_sums is not None:
+                for variable, value in zip(self._gradient_sums, gradient_sums):
                     variable.assign_add(value)
 
     def _apply_weight_decay(self, variables):
@@ -456,12 +509,10 @@ class SOAA(keras.optimizers.Optimizer):
             self.beta_1, self.beta_2, dtype,
         )
 
-    def _add_hypergradient_sums(self, gradient, m, v, scalars, is_finite):
-        """Adds one variable's `maths.hypergradient_sums` (old moments)."""
-        step_sums = maths.hypergradient_sums(
-            gradient, maths.previous_step_quotient(m, v, scalars, self.epsilon)
-        )
-        for total, value in zip(self._hypergradient_sums, step_sums):
+    def _add_gradient_sums(self, gradient, m, v, scalars, is_finite):
+        """Adds one variable's controller sums (from the old moments)."""
+        step_sums = self.controller().step_sums(gradient, m, v, scalars, self.epsilon)
+        for total, value in zip(self._gradient_sums, step_sums):
             self.assign_add(
                 total, maths.finite_or_zero(ops.cast(value, "float32"), is_finite)
             )
@@ -494,9 +545,9 @@ class SOAA(keras.optimizers.Optimizer):
             *maths.predicted_reduction_sums(new_m, new_v, quotient), scalars
         )
         is_finite = maths.is_finite_step(c, sum_v_hat_eps, scalars)
-        if self._hypergradient_sums is not None:
+        if self._gradient_sums is not None:
             # Before `m` and `v` are assigned: on torch that writes in place.
-            self._add_hypergradient_sums(gradient, m, v, scalars, is_finite)
+            self._add_gradient_sums(gradient, m, v, scalars, is_finite)
 
         self.assign(m_variable, ops.where(is_finite, new_m, m))
         self.assign(v_variable, ops.where(is_finite, new_v, v))
@@ -613,7 +664,7 @@ class SOAA(keras.optimizers.Optimizer):
     @property
     def state_layout_version(self) -> int:
         """The state layout this configuration saves (see the module top)."""
-        return 1 if self.controller_name == "paper" else 2
+        return CONTROLLER_LAYOUT_VERSIONS[self.controller_name]
 
     def get_config(self):
         """Returns the config: every constructor argument."""

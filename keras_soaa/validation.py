@@ -135,7 +135,7 @@ def loss_as_float32_scalar(loss):
     return ops.cast(tensor, "float32")
 
 
-CONTROLLERS = ("paper", "hypergradient")
+CONTROLLERS = ("paper", "hypergradient", "gradient_ratio")
 
 
 def validate_controller(
@@ -161,10 +161,10 @@ def validate_controller(
         "max_radius", max_radius, float(min_radius), inf,
         low_open=False, high_open=True, rule=">= min_radius (finite)",
     )
-    if controller == "hypergradient" and not min_radius <= initial_radius <= max_radius:
+    if controller != "paper" and not min_radius <= initial_radius <= max_radius:
         raise ValueError(
             "Argument `initial_radius` must lie in [min_radius, max_radius] "
-            "with controller='hypergradient'. Received: "
+            f"with controller={controller!r}. Received: "
             f"initial_radius={initial_radius!r}, min_radius={min_radius!r}, "
             f"max_radius={max_radius!r}"
         )

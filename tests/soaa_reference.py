@@ -41,6 +41,9 @@ class ReferenceSOAA:
         self.max_radius = max_radius
         self.iterations = 0
         self.radius = float(initial_radius)
+        # The gradient-ratio controller's averages of actual and predicted.
+        self.ratio_actual = 0.0
+        self.ratio_predicted = 0.0
         self.loss_average = 0.0
         self.loss_count = 0
         self.predicted_reduction = 0.0
@@ -58,7 +61,7 @@ class ReferenceSOAA:
         b1, b2, eps, d = self.beta_1, self.beta_2, self.epsilon, self.radius
         self.last_directions = [None] * len(self.weights)
         # Hypergradient: g_t against the previous step's Adam direction.
-        alignment = gradient_sq = direction_sq = 0.0
+        alignment = gradient_sq = direction_sq = predicted_alignment = 0.0
         for i, g in enumerate(grads):
             g = np.asarray(g, dtype=np.float64)
             if not np.all(np.isfinite(g)):
@@ -70,6 +73,8 @@ class ReferenceSOAA:
                 alignment += np.sum(g * previous)
                 gradient_sq += np.sum(g**2)
                 direction_sq += np.sum(previous**2)
+                m_hat_previous = self.m[i] / (1 - b1 ** (t - 1))
+                predicted_alignment += np.sum(m_hat_previous * previous)
             m = b1 * self.m[i] + (1 - b1) * g
             v = b2 * self.v[i] + (1 - b2) * g**2
             m_hat = m / (1 - b1**t)
@@ -99,6 +104,20 @@ class ReferenceSOAA:
             self.radius = float(np.exp(np.clip(
                 log_radius, np.log(self.min_radius), np.log(self.max_radius)
             )))
+        if self.controller == "gradient_ratio":
+            # rho = 1/2 (1 + EMA(g . u_prev) / EMA(m_hat_prev . u_prev)).
+            if predicted_alignment > 0:
+                self.ratio_actual = 0.9 * self.ratio_actual + 0.1 * alignment
+                self.ratio_predicted = (
+                    0.9 * self.ratio_predicted + 0.1 * predicted_alignment
+                )
+            if self.ratio_predicted > 0:
+                rho = 0.5 * (1 + self.ratio_actual / self.ratio_predicted)
+                step = int(rho > 0.5) - int(rho < 0.1)
+                log_radius = np.log(self.radius) + self.radius_learning_rate * step
+                self.radius = float(np.exp(np.clip(
+                    log_radius, np.log(self.min_radius), np.log(self.max_radius)
+                )))
 
     def bounds(self):
         """The radius bounds `(lower, upper)` at the current iteration."""
@@ -108,7 +127,7 @@ class ReferenceSOAA:
 
     def observe(self, loss):
         """Feeds one observed loss to the controller."""
-        if self.controller == "hypergradient":  # counted, radius unchanged
+        if self.controller != "paper":  # counted, radius unchanged
             if np.isfinite(loss):
                 self.loss_count += 1
                 self.loss_average = (

@@ -1,4 +1,7 @@
-"""`SOAA(controller="hypergradient")` against the NumPy reference, and its API."""
+"""The gradient-driven controllers against the NumPy reference, and their API.
+
+`SOAA(controller="hypergradient")` and `SOAA(controller="gradient_ratio")`.
+"""
 
 import os
 import tempfile
@@ -12,13 +15,33 @@ from soaa_reference import ReferenceSOAA
 from test_optimizer import make_problem
 
 from keras_soaa import SOAA, TrustRegionCallback
-from keras_soaa.optimizer import HYPERGRADIENT_SUM_NAMES
+from keras_soaa.optimizer import GRADIENT_CONTROLLER_VARIABLES
 
 HYPER = dict(
     learning_rate=0.01, beta_1=0.8, beta_2=0.95, weight_decay=0.05,
     controller="hypergradient", radius_learning_rate=0.3, min_radius=0.8,
     max_radius=1.3, initial_radius=1.2,
 )
+RATIO = dict(HYPER, controller="gradient_ratio", radius_learning_rate=0.1,
+             initial_radius=1.0)
+CONFIGS = {"hypergradient": HYPER, "gradient_ratio": RATIO}
+
+
+def ratio_gradients(gradients):
+    """A steady slope for 8 steps, then growing oscillation.
+
+    The gradient ratio starts near 1 (grow), falls through the dead zone
+    [0.1, 0.5] and below 0.1 (shrink): every branch and both bounds, with
+    rho at least 0.003 from a threshold on every step.
+    """
+    fixed = gradients(0)
+
+    def stream(step):
+        sign = 1.0 if step <= 8 else 3.0 * (-1.0) ** step
+        return [(sign * f + 0.2 * n).astype(f.dtype)
+                for f, n in zip(fixed, gradients(step))]
+
+    return stream
 
 
 def eager_apply(optimizer, variables):
@@ -27,11 +50,15 @@ def eager_apply(optimizer, variables):
     )
 
 
-def run_against_reference(factory, steps=30, nan_at=None, observe=False):
+def run_against_reference(factory, steps=30, nan_at=None, observe=False,
+                          controller="hypergradient"):
     weights, gradients = make_problem("float32")
-    optimizer = SOAA(**HYPER)
+    if controller == "gradient_ratio":
+        gradients = ratio_gradients(gradients)
+    config = CONFIGS[controller]
+    optimizer = SOAA(**config)
     variables = [keras.Variable(w) for w in weights]
-    reference = ReferenceSOAA(weights, **HYPER)
+    reference = ReferenceSOAA(weights, **config)
     apply = factory(optimizer, variables)
     radii = []
     for step in range(1, steps + 1):
@@ -49,11 +76,12 @@ def run_against_reference(factory, steps=30, nan_at=None, observe=False):
     return optimizer, variables, reference, radii
 
 
+@pytest.mark.parametrize("controller", ["hypergradient", "gradient_ratio"])
 @pytest.mark.parametrize("mode", ["eager", "compiled"])
-def test_hypergradient_matches_reference(mode):
+def test_gradient_controller_matches_reference(mode, controller):
     factory = eager_apply if mode == "eager" else compiled_apply
     optimizer, variables, reference, radii = run_against_reference(
-        factory, nan_at=7, observe=True
+        factory, nan_at=7, observe=True, controller=controller
     )
     # The case covers what it claims: the radius moved both ways and hit a
     # bound; the observed losses were counted.
@@ -68,9 +96,18 @@ def test_hypergradient_matches_reference(mode):
         scalars_of(optimizer), reference.scalars(), rtol=2e-5, atol=1e-7
     )
     # The per-step sums are consumed by the step that made them.
-    for name in HYPERGRADIENT_SUM_NAMES:
+    sum_names, average_names = GRADIENT_CONTROLLER_VARIABLES[controller]
+    for name in sum_names:
         total = next(v for v in optimizer.variables if v.name == name)
         assert float(to_numpy(total)) == 0.0
+    if average_names:
+        averages = [float(to_numpy(next(
+            v for v in optimizer.variables if v.name == name)))
+            for name in average_names]
+        np.testing.assert_allclose(
+            averages, [reference.ratio_actual, reference.ratio_predicted],
+            rtol=2e-5,
+        )
 
 
 def test_hypergradient_radius_ignores_losses():
@@ -124,24 +161,41 @@ def test_invalid_controller_arguments_name_the_argument(kwargs, name):
         SOAA(**kwargs)
 
 
-def test_config_round_trip_and_state_layout_versions():
-    optimizer = SOAA(**HYPER)
-    config = optimizer.get_config()
-    assert config["controller"] == "hypergradient"
-    assert config["state_layout_version"] == 2
+def test_gradient_ratio_grows_on_a_steady_slope_and_shrinks_on_overshoot():
+    for sign, grows in ((1.0, True), (-1.0, False)):
+        variable = keras.Variable([0.0, 0.0])
+        optimizer = SOAA(controller="gradient_ratio", radius_learning_rate=0.1)
+        for step in range(10):
+            g = [1.0, 2.0] if sign > 0 or step % 2 == 0 else [-3.0, -6.0]
+            optimizer.apply([ops.convert_to_tensor(g)], [variable])
+        radius = float(to_numpy(optimizer.radius))
+        assert (radius > 1.5) if grows else (radius < 0.9), radius
+
+
+@pytest.mark.parametrize(
+    "config, version, extra",
+    [(HYPER, 2, 3), (RATIO, 3, 4)],
+    ids=["hypergradient", "gradient_ratio"],
+)
+def test_config_round_trip_and_state_layout_versions(config, version, extra):
+    optimizer = SOAA(**config)
+    saved = optimizer.get_config()
+    assert saved["controller"] == config["controller"]
+    assert saved["state_layout_version"] == version
     assert SOAA().get_config()["state_layout_version"] == 1
-    restored = SOAA.from_config(config)
-    assert restored.get_config() == config
+    restored = SOAA.from_config(saved)
+    assert restored.get_config() == saved
     variable = keras.Variable([1.0, 2.0])
     restored.build([variable])
     paper = SOAA()
     paper.build([keras.Variable([1.0, 2.0])])
-    assert len(restored.variables) == len(paper.variables) + 3
+    assert len(restored.variables) == len(paper.variables) + extra
 
 
-def test_hypergradient_fit_saves_and_resumes_exactly():
-    """A model trained with the hypergradient controller saves, loads and
-    continues exactly as the uninterrupted run (state layout version 2)."""
+@pytest.mark.parametrize("controller", ["hypergradient", "gradient_ratio"])
+def test_gradient_controller_fit_saves_and_resumes_exactly(controller):
+    """A model trained with a gradient-driven controller saves, loads and
+    continues exactly as the uninterrupted run (its averages included)."""
     x = np.linspace(-1, 1, 64, dtype="float32").reshape(32, 2)
     y = (x @ np.array([[2.0], [-1.0]], "float32")) + 0.5
 
@@ -150,7 +204,7 @@ def test_hypergradient_fit_saves_and_resumes_exactly():
         model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(4),
                                   keras.layers.Dense(1)])
         model.compile(optimizer=SOAA(learning_rate=0.05,
-                                     controller="hypergradient"), loss="mse")
+                                     controller=controller), loss="mse")
         return model
 
     def fit(model, epochs):
@@ -167,10 +221,13 @@ def test_hypergradient_fit_saves_and_resumes_exactly():
         path = os.path.join(folder, "model.keras")
         halves.save(path)
         loaded = keras.saving.load_model(path)
-    assert loaded.optimizer.controller_name == "hypergradient"
+    assert loaded.optimizer.controller_name == controller
     fit(loaded, 2)
     for a, b in zip(straight.get_weights(), loaded.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    for a, b in zip(straight.optimizer.variables, loaded.optimizer.variables):
+        np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-6,
+                                   atol=1e-7, err_msg=a.name)
     np.testing.assert_allclose(scalars_of(loaded.optimizer),
                                scalars_of(straight.optimizer),
                                rtol=1e-6, atol=1e-7)

@@ -47,7 +47,7 @@ def train(optimizer, steps, non_finite_at=None):
     return variables
 
 
-@pytest.mark.parametrize("controller", ["paper", "hypergradient"])
+@pytest.mark.parametrize("controller", ["paper", "hypergradient", "gradient_ratio"])
 @pytest.mark.parametrize("non_finite_at", [None, 4])
 @pytest.mark.parametrize("weight_decay", [None, 0.05])
 def test_backend_path_matches_portable_path(weight_decay, non_finite_at,

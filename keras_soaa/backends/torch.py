@@ -45,6 +45,14 @@ def hypergradient_sums(grads, previous_quotients):
     )
 
 
+def ratio_sums(grads, momentums, previous_quotients):
+    """`maths.ratio_sums` for many variables: two vectors."""
+    return (
+        _dots(zip(grads, previous_quotients)),
+        _dots(zip(momentums, previous_quotients)),
+    )
+
+
 def _dots(pairs):
     # sum(a * b) without an array for the products.
     return torch.stack([torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in pairs])
@@ -116,7 +124,7 @@ def predicted_reduction_sums(new_m, new_v, quotients):
 @torch.no_grad()
 def update_step(
     grads, params, momentums, velocities, weight_decays, scalars,
-    *, beta_1, beta_2, epsilon, hypergradient=False,
+    *, beta_1, beta_2, epsilon, gradient_sums=None,
 ):
     """Applies SOAA's step to variables that share one compute dtype.
 
@@ -130,21 +138,28 @@ def update_step(
         beta_1: the optimizer's `beta_1`.
         beta_2: the optimizer's `beta_2`.
         epsilon: the optimizer's `epsilon`.
-        hypergradient: whether to compute the hypergradient controller's sums.
+        gradient_sums: `None`, or the gradient-driven controller whose sums
+            to compute: `"hypergradient"` (`maths.hypergradient_sums`) or
+            `"gradient_ratio"` (`maths.ratio_sums`).
 
     Returns:
-        `(predicted, hypergradient_sums)`: the predicted reduction of the
-        applied steps (a float32 scalar), and the three sums of
-        `maths.hypergradient_sums` over them (float32 scalars), or `None`
-        when `hypergradient` is false.
+        `(predicted, sums)`: the predicted reduction of the applied steps (a
+        float32 scalar), and the controller's sums over them (a tuple of
+        float32 scalars), or `None` when `gradient_sums` is `None`.
     """
     dtype = momentums[0].dtype
     grads = [g.to(dtype) for g in grads]
     thetas = [p.to(dtype) for p in params]
 
-    if hypergradient:
-        hypergradient_vectors = hypergradient_sums(
-            grads, previous_step_quotient(momentums, velocities, scalars, epsilon)
+    if gradient_sums is not None:
+        # From the old moments: before they are updated in place below.
+        previous_quotients = previous_step_quotient(
+            momentums, velocities, scalars, epsilon
+        )
+        sum_vectors = (
+            hypergradient_sums(grads, previous_quotients)
+            if gradient_sums == "hypergradient"
+            else ratio_sums(grads, momentums, previous_quotients)
         )
     new_m, new_v = moments(momentums, velocities, grads, beta_1, beta_2)
     sums = curvature_sums(new_m, new_v)
@@ -168,10 +183,10 @@ def update_step(
     else:
         for ok, state, new in zip(is_finite.unbind() * 3, states, news):
             torch.where(ok, new, state, out=state)
-    hypergradient_totals = None
-    if hypergradient:
-        hypergradient_totals = tuple(
+    totals = None
+    if gradient_sums is not None:
+        totals = tuple(
             finite_or_zero(vector.to(torch.float32), is_finite).sum()
-            for vector in hypergradient_vectors
+            for vector in sum_vectors
         )
-    return finite_or_zero(predicted, is_finite).sum(), hypergradient_totals
+    return finite_or_zero(predicted, is_finite).sum(), totals
