@@ -58,8 +58,8 @@ class DesignSOAA(keras_soaa.SOAA):
             for name in ("sum_mq", "ema_a", "ema_b")
         ]
 
-    def _add_hypergradient_sums(self, gradient, m, v, scalars, is_finite):
-        super()._add_hypergradient_sums(gradient, m, v, scalars, is_finite)
+    def _add_gradient_sums(self, gradient, m, v, scalars, is_finite):
+        super()._add_gradient_sums(gradient, m, v, scalars, is_finite)
         q_prev = maths.previous_step_quotient(m, v, scalars, self.epsilon)
         value = ops.cast(ops.sum(ops.multiply(m, q_prev)), "float32")
         self.assign_add(self._design_vars[0],
@@ -67,7 +67,7 @@ class DesignSOAA(keras_soaa.SOAA):
 
     def _adapt_radius_to_gradients(self):
         g_q, g_sq, q_sq = (ops.convert_to_tensor(v)
-                           for v in self._hypergradient_sums)
+                           for v in self._gradient_sums)
         sum_mq, ema_a, ema_b = (ops.convert_to_tensor(v)
                                 for v in self._design_vars)
         beta = self.ema
@@ -107,7 +107,7 @@ class DesignSOAA(keras_soaa.SOAA):
         self._radius.assign(ops.exp(log_radius))
         self._design_vars[1].assign(new_a)
         self._design_vars[2].assign(new_b)
-        for variable in (*self._hypergradient_sums, self._design_vars[0]):
+        for variable in (*self._gradient_sums, self._design_vars[0]):
             variable.assign(0.0)
 
 

@@ -297,6 +297,32 @@ def test_hypergradient_variants_pass_the_controller_and_its_arguments():
         runner.HYPERGRADIENT_ARGUMENTS.update(saved)
 
 
+def test_gradient_ratio_variants_pass_the_controller():
+    for name in ("soaa_gr", "soaa_gr_cosine"):
+        optimizer = runner.make_optimizer(name, 0.01, steps=10)
+        assert optimizer.controller_name == "gradient_ratio"
+        assert runner.is_soaa(name) and runner.is_hypergradient(name)
+
+
+def test_merge_adds_a_previous_runs_optimizers(tmp_path):
+    common = ["--quick", "--problems", "breast_cancer"]
+    first, _ = compare.main(common + ["--optimizers", "adam",
+                                      "--out", str(tmp_path / "a")])
+    merged, config = compare.main(
+        common + ["--optimizers", "soaa_gr", "--merge", str(tmp_path / "a"),
+                  "--out", str(tmp_path / "b")])
+    runs = merged["breast_cancer"]["runs"]
+    assert list(runs) == ["adam", "soaa_gr"]
+    assert runs["adam"] == first["breast_cancer"]["runs"]["adam"]
+    assert config["merged_from"]["optimizers"] == ["adam"]
+    text = (tmp_path / "b" / "report.md").read_text()
+    assert "| breast_cancer | Adam |" in text and "| breast_cancer | SOAA-GR |" in text
+    with pytest.raises(SystemExit):
+        compare.main(common + ["--seeds", "2", "--optimizers", "soaa",
+                               "--merge", str(tmp_path / "a"),
+                               "--out", str(tmp_path / "c")])
+
+
 def test_bound_fractions_with_constant_bounds_and_the_interior():
     trace = [0.1, 0.1000001, 0.5, 10.0, 3.0, 9.99, 0.10001, 10.0]
     # On a bound: within a relative 1e-5 (float32 rounding).
@@ -441,8 +467,8 @@ def test_spearman_matches_scipy():
 
 
 @pytest.mark.parametrize(
-    "name", ["soaa_cosine", "soaa_hd_cosine", "adam_cosine", "adamw", "muon",
-             "lion"])
+    "name", ["soaa_cosine", "soaa_hd_cosine", "soaa_gr", "soaa_gr_cosine",
+             "adam_cosine", "adamw", "muon", "lion", *compare.DESIGN_OPTIMIZERS])
 def test_every_other_optimizer_trains(name):
     problem = problems.make_problem("digits", steps=10, quick=True)
     learning_rate = 0.01
