@@ -1,6 +1,7 @@
 """Speed and memory of SOAA against Keras' own Adam, side by side, per backend.
 
     python benchmarks/speed.py [--backends tensorflow,jax,torch] [--quick]
+    python benchmarks/speed.py --models small   # the callback's per-batch cost
 
 Prints (and writes as markdown, default `benchmarks/results/speed.md`) one
 table: backend x mode x model with ms/step of Adam and of SOAA +
@@ -12,6 +13,13 @@ Each backend runs in its own process (one backend per process in Keras);
 each peak-memory figure comes from a process of its own. Adam and SOAA are
 timed alternately, epoch by epoch, and the median of the repeats is kept, so
 both see the same machine load.
+
+`--models small` times models small enough that the per-batch work around
+the step (the callback's hand-over, Keras' own loop) dominates: an MLP
+64-128-128-10 and a logistic regression (64 inputs, 10 classes), batch 64,
+`--small-steps` steps per timed epoch, compiled on TensorFlow and JAX (eager
+on torch); it skips the memory and `apply` tables, which measure the large
+MLP.
 """
 
 import argparse
@@ -24,6 +32,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# The models of `--models small`: batch 64, timed over `--small-steps`.
+SMALL_MODELS = ("mlp_small", "logreg")
 MODES = {
     "tensorflow": ["compiled", "eager"],
     "jax": ["compiled"],
@@ -37,15 +47,32 @@ def parse_args(argv=None):
     parser.add_argument("--models", default="mlp,transformer")
     parser.add_argument("--steps", type=int, default=20,
                         help="training steps per timed epoch")
+    parser.add_argument("--small-steps", type=int, default=300,
+                        help="training steps per timed epoch, small models")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--apply-params", type=float, default=50e6,
                         help="parameters in the optimizer.apply benchmark")
-    parser.add_argument("--output", default=str(HERE / "results" / "speed.md"))
+    parser.add_argument("--output", help="default: benchmarks/results/"
+                        "speed.md (speed_small.md for small models only)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes: checks the script, not the speed")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    models = args.models.split(",")
+    if "small" in models:
+        at = models.index("small")
+        models[at:at + 1] = SMALL_MODELS
+    args.models = ",".join(models)
+    if args.output is None:
+        name = "speed_small.md" if only_small(args) else "speed.md"
+        args.output = str(HERE / "results" / name)
+    return args
+
+
+def only_small(args):
+    """Whether every model is small (no memory or `apply` tables then)."""
+    return all(name in SMALL_MODELS for name in args.models.split(","))
 
 
 # --- inside a worker process (one backend) ---------------------------------
@@ -64,6 +91,17 @@ def make_model(name, quick):
             keras.layers.Dense(10),
         ])
         return model, "sparse_categorical_crossentropy", (784,), 10
+    if name == "mlp_small":
+        model = keras.Sequential([
+            keras.Input((64,)),
+            keras.layers.Dense(128, activation="relu"),
+            keras.layers.Dense(128, activation="relu"),
+            keras.layers.Dense(10),
+        ])
+        return model, "sparse_categorical_crossentropy", (64,), 10
+    if name == "logreg":
+        model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(10)])
+        return model, "sparse_categorical_crossentropy", (64,), 10
     if name == "transformer":
         length, dim, vocab = (16, 32, 64) if quick else (64, 128, 96)
         inputs = keras.Input((length,), dtype="int32")
@@ -138,7 +176,9 @@ def state_bytes(optimizer):
 
 def time_fit(model_name, mode, args):
     """Median ms/step of Adam and of SOAA + callback, timed alternately."""
-    batch = 32 if args.quick else 256
+    small = model_name in SMALL_MODELS
+    batch = 64 if small else 32 if args.quick else 256
+    steps = args.small_steps if small else args.steps
     runs = {}
     for opt_name in ("adam", "soaa"):
         model, loss, input_shape, classes = make_model(model_name, args.quick)
@@ -146,7 +186,7 @@ def time_fit(model_name, mode, args):
         model.compile(optimizer=optimizer, loss=loss,
                       run_eagerly=(mode == "eager"),
                       jit_compile=(mode == "compiled"))
-        x, y = make_data(input_shape, classes, batch, args.steps,
+        x, y = make_data(input_shape, classes, batch, steps,
                          model_name == "transformer")
         timer = EpochTimer()
         runs[opt_name] = (model, x, y, callbacks + [timer.callback], timer)
@@ -159,7 +199,7 @@ def time_fit(model_name, mode, args):
                       shuffle=False, callbacks=callbacks)
     result = {}
     for opt_name, (model, *_, timer) in runs.items():
-        result[opt_name] = 1000 * statistics.median(timer.seconds) / args.steps
+        result[opt_name] = 1000 * statistics.median(timer.seconds) / steps
         result[f"{opt_name}_state_bytes"] = state_bytes(model.optimizer)
     return result
 
@@ -243,13 +283,16 @@ def worker(args):
     out = {"backend": backend, "fit": [], "apply": None}
     for model_name in args.models.split(","):
         for mode in MODES[backend]:
+            if model_name in SMALL_MODELS and mode == "eager" and backend != "torch":
+                continue  # the per-batch overhead that matters: compiled fit
             row = time_fit(model_name, mode, args)
             row.update(model=model_name, mode=mode)
             out["fit"].append(row)
             print(f"  {backend} {mode} {model_name}: adam {row['adam']:.2f} "
                   f"ms/step, soaa {row['soaa']:.2f} ms/step", file=sys.stderr,
                   flush=True)
-    out["apply"] = time_apply(args)
+    if not only_small(args):
+        out["apply"] = time_apply(args)
     print(json.dumps(out))
 
 
@@ -289,12 +332,12 @@ def format_report(results):
         "|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
-        memory = result["memory"]
+        memory = result.get("memory")
         for row in result["fit"]:
             peak = (
                 f"{memory['adam']:.0f} / {memory['soaa']:.0f} "
                 f"({memory['soaa'] / memory['adam'] - 1:+.1%})"
-                if row["model"] == "mlp" else ""
+                if row["model"] == "mlp" and memory else ""
             )
             lines.append(
                 f"| {result['backend']} | {row['mode']} | {row['model']} "
@@ -303,6 +346,8 @@ def format_report(results):
                 f"| {row['adam_state_bytes']:,} / {row['soaa_state_bytes']:,} "
                 f"| {peak} |"
             )
+    if all(result["apply"] is None for result in results):
+        return "\n".join(lines) + "\n"
     lines += [
         "",
         "`optimizer.apply` alone (compiled on TF and JAX, eager on torch):",
@@ -312,6 +357,8 @@ def format_report(results):
     ]
     for result in results:
         a = result["apply"]
+        if a is None:
+            continue
         lines.append(
             f"| {result['backend']} | {a['params']:,} | {a['adam']:.1f} "
             f"| {a['soaa']:.1f} | {a['soaa'] / a['adam']:.3f} |"
@@ -327,12 +374,16 @@ def main(argv=None):
         return memory_worker(args)
     passthrough = [
         f"--models={args.models}", f"--steps={args.steps}",
+        f"--small-steps={args.small_steps}",
         f"--repeats={args.repeats}", f"--apply-params={args.apply_params}",
     ] + (["--quick"] if args.quick else [])
     results = []
     for backend in args.backends.split(","):
         print(f"[{backend}] timing fit and apply ...", flush=True)
         result = run_child(backend, ["--worker", backend, *passthrough])
+        if only_small(args):
+            results.append(result)
+            continue
         result["memory"] = {
             name: run_child(backend, ["--memory-of", name, *passthrough])[
                 "peak_rss_mb"]

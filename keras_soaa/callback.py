@@ -164,6 +164,90 @@ class _LossHandOver:
         )
         return HandOverReport.from_vector(ops.convert_to_numpy(run()))
 
+    def hand_over_values(self, optimizer_values, metrics_values, positions):
+        """`__call__` on a JAX `fit`'s state lists, in place (JAX only).
+
+        Reads the controller state, the step and the unread loss from
+        `optimizer_values` and `metrics_values` (see
+        `internals.AfterJaxTrainStep`) at `positions` (from `locate`) and
+        puts the new values back there, where the next step reads them: no
+        sync of the model's variables and no regather (most of a small
+        model's step). Returns the batch's report vector, on the device
+        (read it with `HandOverReport.from_vector`).
+        """
+        state_at, iterations_at, unread_at = positions
+        controller = self.optimizer.controller()
+        run = self._compiled.get(("values", controller),
+                                 lambda: _compile_values_hand_over(controller))
+        state, observed_iterations, pending, unread, report = run(
+            TrustRegionState(*(optimizer_values[i] for i in state_at)),
+            optimizer_values[iterations_at],
+            self._observed_iterations.value,
+            tuple(variable.value for variable in self._pending),
+            tuple(metrics_values[i] for i in unread_at),
+        )
+        # Fresh arrays from `run`: the next step may donate them.
+        for i, value in zip(state_at, state):
+            optimizer_values[i] = value
+        for i, value in zip(unread_at, unread):
+            metrics_values[i] = value
+        self._observed_iterations.assign(observed_iterations)
+        for variable, value in zip(self._pending, pending):
+            variable.assign(value)
+        return report
+
+    def locate(self, model):
+        """Where `hand_over_values` finds its inputs, or `None` if unsure.
+
+        Returns `(positions, sizes)`: `positions` holds the indices of the
+        controller state's variables (field by field) and of SOAA's
+        `iterations` in `model.optimizer.variables`, and of the tracker's
+        unread sums in `model.metrics_variables`; `sizes` the lengths of both
+        lists, to check the state lists against.
+        """
+        optimizer_variables = model.optimizer.variables
+        metrics_variables = model.metrics_variables
+
+        def index(variables, target):
+            found = [i for i, v in enumerate(variables) if v is target]
+            return found[0] if len(found) == 1 else None
+
+        # Which variables hold which field of the controller state: write
+        # field k's number k + 1 with `assign_trust_region_state` in a
+        # `StatelessScope` (it records the assignments, the variables keep
+        # their values), then check that `trust_region_state` reads them back.
+        fields = len(TrustRegionState._fields)
+        with keras.StatelessScope() as scope:
+            self.optimizer.assign_trust_region_state(
+                TrustRegionState(*range(1, fields + 1))
+            )
+        state_at = [None] * fields
+        for i, variable in enumerate(optimizer_variables):
+            value = scope.get_current_value(variable)
+            if value is None:
+                continue
+            field = int(value) - 1  # not `ops`: no host read to count
+            if not 0 <= field < fields or state_at[field] is not None:
+                return None
+            state_at[field] = i
+        if None in state_at:
+            return None
+        with keras.StatelessScope(state_mapping=[
+            (variable, ops.full((), field + 1, variable.dtype))
+            for field, variable in enumerate(
+                optimizer_variables[i] for i in state_at)
+        ]):
+            read = self.optimizer.trust_region_state()
+        if [float(x) for x in read] != list(range(1, fields + 1)):
+            return None
+        iterations_at = index(optimizer_variables, self.optimizer.iterations)
+        unread_at = (index(metrics_variables, self._tracker.unread_total),
+                     index(metrics_variables, self._tracker.unread_count))
+        if iterations_at is None or None in unread_at:
+            return None
+        return ((tuple(state_at), iterations_at, unread_at),
+                (len(optimizer_variables), len(metrics_variables)))
+
     def _inputs(self):
         tracker = self._tracker
         return (
@@ -183,6 +267,33 @@ class _LossHandOver:
         self._tracker.unread_total.assign(unread[0])
         self._tracker.unread_count.assign(unread[1])
         return report
+
+
+def _compile_values_hand_over(controller):
+    """`hand_over_loss` under `jax.jit`, its outputs in its inputs' dtypes.
+
+    They go into `fit`'s state as they are, without `Variable.assign`'s
+    cast; another dtype would also make the train step trace again.
+    """
+    import jax
+
+    def cast(new, old):
+        return tuple(ops.cast(n, o.dtype) for n, o in zip(new, old))
+
+    def run(state, iterations, observed_iterations, pending, unread):
+        new_state, observed, new_pending, new_unread, report = hand_over_loss(
+            state, iterations, observed_iterations, pending, unread,
+            observe=controller,
+        )
+        return (
+            TrustRegionState(*cast(new_state, state)),
+            ops.cast(observed, observed_iterations.dtype),
+            cast(new_pending, pending),
+            cast(new_unread, unread),
+            report,
+        )
+
+    return jax.jit(run)
 
 
 def _use_batch_loss_tracker(model) -> BatchLossMean:
@@ -217,7 +328,11 @@ class TrustRegionCallback(keras.callbacks.Callback):
     tracked loss: the loss never travels to the host and back. The batch's
     only device-to-host transfer is one small report (whether a loss was
     observed, the loss, the new controller state) from which the radius is
-    logged.
+    logged. On JAX (without a `keras.distribution`) the call runs right after
+    each train step, on the state the next step trains from (see
+    `internals.AfterJaxTrainStep`), rather than after a sync of every
+    variable into the model, which costs a small model most of a step;
+    callbacks listed before this one then already see the new state.
 
     A loss is observed once the optimizer has taken a step since the previous
     observation. Batches that moved no weights (a step skipped by
@@ -299,13 +414,67 @@ class TrustRegionCallback(keras.callbacks.Callback):
             )
         self._hand_over.restart()
         self.last_report = None
+        # JAX: the hand-over runs on the train function's new state (see
+        # `internals.AfterJaxTrainStep`), not after a sync of every variable.
+        self._in_step = None
+        self._in_step_report = None
+        model = internals.callback_model(self)
+        if (
+            keras.backend.backend() == "jax"
+            # Its outputs would need the state's shardings.
+            and keras.distribution.distribution() is None
+        ):
+            self._located = self._hand_over.locate(model)
+            self._state_variables = internals.jax_state_variables(model)
+            if self._located is not None:
+                self._in_step = internals.AfterJaxTrainStep(
+                    model, self._hand_over_in_step
+                )
+
+    def on_train_batch_begin(self, batch, logs=None):
+        """JAX: lets the train function hand the loss over after this step."""
+        if self._in_step is not None:
+            self._in_step.armed = True
 
     def on_train_batch_end(self, batch, logs=None):
         """Observes the loss of the batch(es) trained since the last step."""
-        internals.sync_trainer_state(self.model)
-        self.last_report = self._hand_over()
+        if self._in_step is not None and self._in_step.ran:
+            self._in_step.ran = False
+            self.last_report = HandOverReport.from_vector(
+                ops.convert_to_numpy(self._in_step_report)
+            )
+        else:
+            # Not `self.model`, which on JAX syncs every variable already.
+            internals.sync_trainer_state(internals.callback_model(self))
+            self.last_report = self._hand_over()
         if logs is not None:
             logs["radius"] = self.last_report.state.radius
+
+    def on_train_end(self, logs=None):
+        """JAX: gives the model its own train function back."""
+        if self._in_step is not None:
+            self._in_step.remove(internals.callback_model(self))
+            self._in_step = None
+
+    def _hand_over_in_step(self, state) -> bool:
+        """The hand-over on a JAX train step's new state lists, in place.
+
+        Then attaches the state to the variables, as the sync that this
+        callback did before the hand-over moved here: callbacks can read
+        the model's variables (at a fraction of the sync's cost).
+        """
+        positions, sizes = self._located
+        if (
+            (len(state[2]), len(state[3])) != sizes
+            or any(len(values) != len(group) for values, group
+                   in zip(state, self._state_variables))
+        ):
+            return False
+        self._in_step_report = self._hand_over.hand_over_values(
+            state[2], state[3], positions
+        )
+        internals.attach_jax_state(self._state_variables, state)
+        return True
 
     def on_epoch_end(self, epoch, logs=None):
         """Adds the radius to the epoch's logs."""

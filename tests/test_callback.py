@@ -249,3 +249,85 @@ def test_one_host_transfer_per_batch(monkeypatch):
     assert CountingOps.transfers == EPOCHS * len(BATCH_SLICES)
     assert float(to_numpy(optimizer.loss_count)) == (EPOCHS + 1) * len(BATCH_SLICES)
     assert history.history["radius"][-1] == float(to_numpy(optimizer.radius))
+
+
+class SyncsEveryBatch(keras.callbacks.Callback):
+    """Reads the model at every batch end: on JAX, `self.model` syncs the
+    whole training state into the variables (the next step regathers it)."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.model.optimizer.iterations  # noqa: B018 (the access syncs)
+
+
+@pytest.mark.parametrize("syncing_first", [True, False])
+def test_exact_losses_next_to_a_callback_that_syncs(syncing_first):
+    """Another callback syncing the state before or after this one's
+    hand-over changes nothing (on JAX, either path feeds the next step)."""
+    x, y = make_data()
+    optimizer = SOAA(learning_rate=0.05)
+    model = make_model(optimizer)
+    recorder, truth = FedLossRecorder(), BatchLossTruth(x, y)
+    callbacks = [SyncsEveryBatch(), recorder, truth]
+    if not syncing_first:
+        callbacks = callbacks[1:] + callbacks[:1]
+    model.fit(x, y, batch_size=BATCH_SIZE, epochs=2, shuffle=False, verbose=0,
+              callbacks=callbacks)
+    np.testing.assert_allclose(recorder.fed, truth.losses, rtol=2e-6)
+    assert_state_fed(optimizer, truth.losses)
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX's training state")
+def test_jax_hand_over_needs_no_state_sync_per_batch():
+    """On JAX the hand-over runs on the train function's new state: `fit`
+    syncs the variables only at the end of each epoch, as without the
+    callback; afterwards the model has its own train function back."""
+    from keras_soaa._keras_internals import AfterJaxTrainStep
+
+    x, y = make_data()
+    optimizer = SOAA(learning_rate=0.05)
+    model = make_model(optimizer)
+    syncs = []
+    sync = model.jax_state_sync
+
+    def counting_sync():
+        syncs.append(not model._jax_state_synced)  # True: a real sync
+        sync()
+
+    model.jax_state_sync = counting_sync
+    recorder = FedLossRecorder()
+    model.fit(x, y, batch_size=BATCH_SIZE, epochs=EPOCHS, shuffle=False,
+              verbose=0, callbacks=[recorder])
+    assert sum(syncs) == EPOCHS
+    assert len(recorder.fed) == EPOCHS * len(BATCH_SLICES)
+    assert not isinstance(model.train_function, AfterJaxTrainStep)
+    # Without the callback, no loss is handed over.
+    count = float(to_numpy(optimizer.loss_count))
+    model.fit(x, y, batch_size=BATCH_SIZE, epochs=1, verbose=0)
+    model.train_on_batch(x[:BATCH_SIZE], y[:BATCH_SIZE])
+    assert float(to_numpy(optimizer.loss_count)) == count
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX's train function wrapper")
+def test_jax_fit_that_raises_leaves_no_hand_over_behind():
+    from keras_soaa._keras_internals import AfterJaxTrainStep
+
+    class Fails(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 1:
+                raise RuntimeError("stop")
+
+    x, y = make_data()
+    optimizer = SOAA(learning_rate=0.05)
+    model = make_model(optimizer)
+    with pytest.raises(RuntimeError, match="stop"):
+        model.fit(x, y, batch_size=BATCH_SIZE, epochs=1, verbose=0,
+                  callbacks=[TrustRegionCallback(), Fails()])
+    count = float(to_numpy(optimizer.loss_count))
+    assert count == 2
+    model.fit(x, y, batch_size=BATCH_SIZE, epochs=1, verbose=0)
+    assert float(to_numpy(optimizer.loss_count)) == count
+    recorder = FedLossRecorder()
+    model.fit(x, y, batch_size=BATCH_SIZE, epochs=1, verbose=0,
+              callbacks=[recorder])
+    assert len(recorder.fed) == len(BATCH_SLICES)
+    assert not isinstance(model.train_function, AfterJaxTrainStep)
