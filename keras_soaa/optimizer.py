@@ -113,11 +113,13 @@ class SOAA(keras.optimizers.Optimizer):
     With `controller="gradient_ratio"` (a trust region judged by the
     gradients) the previous step's actual reduction, as this step's gradient
     sees it (trapezoid rule), is compared with its predicted one; both are
-    averaged over steps before the ratio is taken (`t` the step number):
+    averaged over steps before the ratio is taken (`t` the step number,
+    `b = 1 - beta_1**(t-1)`; `q_prev / b` is the previous Adam direction,
+    `m_old / b` the previous `m_hat`):
 
     ```
-    A   = 0.9 * A + 0.1 * (1 - beta_1**(t-1)) * sum(g * q_prev)
-    P   = 0.9 * P + 0.1 * sum(m_old * q_prev)
+    A   = 0.9 * A + 0.1 * sum(g * q_prev) / b
+    P   = 0.9 * P + 0.1 * sum(m_old * q_prev) / b**2
     rho = (1 + A / P) / 2
     log d = clip(log d + radius_learning_rate * ([rho > 0.5] - [rho < 0.1]),
                  log(min_radius), log(max_radius))
