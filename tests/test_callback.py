@@ -307,8 +307,9 @@ def test_jax_hand_over_needs_no_state_sync_per_batch():
     assert float(to_numpy(optimizer.loss_count)) == count
 
 
-@pytest.mark.skipif(BACKEND != "jax", reason="JAX's train function wrapper")
-def test_jax_fit_that_raises_leaves_no_hand_over_behind():
+def test_fit_that_raises_leaves_no_hand_over_behind():
+    """A `fit` stopped by an exception leaves no hand-over running (on JAX:
+    no train function wrapper) in later `fit`s without the callback."""
     from keras_soaa._keras_internals import AfterJaxTrainStep
 
     class Fails(keras.callbacks.Callback):
