@@ -8,18 +8,20 @@ eager TF's XLA step) and `_apply_weight_decay` (decay inside the step, so a
 skipped step skips it too).
 """
 
+import keras
+from keras import StatelessScope
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 from keras.src.utils.tracking import DotNotTrackScope
 
 __all__ = [
-    "AfterJaxTrainStep",
-    "attach_jax_state",
+    "HookedTrainFunction",
     "callback_model",
     "in_stateless_scope",
-    "jax_state_variables",
+    "own_train_function",
     "loss_tracker",
     "replace_loss_tracker",
     "sync_trainer_state",
+    "train_function_around",
     "trained_variables_of",
     "variable_layout",
 ]
@@ -60,89 +62,115 @@ def callback_model(callback):
     return callback._model
 
 
-class AfterJaxTrainStep:
-    """Wraps a JAX model's `train_function` to run a hook on its new state.
+def train_function_around(model, before, after):
+    """Keras' train function for `model`, with a hook around each train step.
 
-    Keras 3.15's JAX `fit` (`backend/jax/trainer.py`) runs
-    `logs, state = self.train_function(state, iterator)` and trains the next
-    step from that `state`: a tuple of four lists (trainable, non-trainable,
-    optimizer and metric values, ordered as `model.trainable_variables`,
-    `model.non_trainable_variables`, `model.optimizer.variables`,
-    `model.metrics_variables`). A callback cannot reach those lists:
-    `model._jax_state` holds copies (`Layer.__setattr__` tracks the dict
-    and copies its lists), so it can only `jax_state_sync()` (assign every
-    variable), after which `fit` regathers and purges every variable before
-    the next step: on a small model, most of a step. The wrapper hands the
-    hook the lists themselves: what it puts there, the next step trains
-    from, and the copies the callbacks (and the end of the epoch) see have
-    it too.
+    TensorFlow and JAX only. `make_train_function` compiles the
+    `model.train_step` it finds when it builds the function (`tf.function`
+    / `jax.jit`), so a `train_step` set on the instance for that moment is
+    compiled into the same program: no call and no transfer of its own per
+    batch. The model keeps its own train step and train function.
 
-    `hook(state)` (`state`: the four lists) runs after a call only when
-    `armed` (set it before each step; a call disarms it), so that a wrapper
-    left behind by a `fit` that raised does nothing in later calls, and
-    only when `state` has the expected structure; it returns whether it
-    ran. Donation: the next step donates (frees) every array in the lists,
-    so the hook must put only fresh arrays there and keep none.
+    In the step, `kept = before()` runs before the train step and
+    `after(kept)` right after it; both may read and assign the model's,
+    optimizer's and metrics' variables. `after` returns a dict of tensors,
+    which the step returns with its logs. On JAX the train step is pure: the hooks
+    run in a `keras.StatelessScope` over its state lists (as
+    `Optimizer.stateless_apply` does), and what `after` assigns goes into
+    the state the next step trains from.
+    """
+    train_step = model.train_step
+    if keras.backend.backend() == "jax":
+
+        def hooked_step(state, data):
+            with StatelessScope(_jax_state_mapping(model, state)):
+                kept = before()
+            logs, state = train_step(state, data)
+            with StatelessScope(_jax_state_mapping(model, state)) as scope:
+                output = after(kept)
+            optimizer_values, metrics_values = (
+                type(values)(scope.get_current_value(v) for v in variables)
+                for values, variables in (
+                    (state[2], model.optimizer.variables),
+                    (state[3], model.metrics_variables),
+                )
+            )
+            state = (state[0], state[1], optimizer_values, metrics_values)
+            return {**logs, **output}, state
+
+    else:
+
+        def hooked_step(data):
+            kept = before()
+            logs = train_step(data)
+            return {**logs, **after(kept)}
+
+    own = model.train_function
+    model.train_step = hooked_step
+    try:
+        model.make_train_function(force=True)
+        return model.train_function
+    finally:
+        del model.train_step
+        model.train_function = own
+
+
+def _jax_state_mapping(model, state):
+    # The JAX trainer orders its optimizer and metric values as these lists.
+    optimizer_variables = model.optimizer.variables
+    metrics_variables = model.metrics_variables
+    if (len(state[2]), len(state[3])) != (
+        len(optimizer_variables), len(metrics_variables)
+    ):
+        raise ValueError(
+            "The JAX training state does not match the model's optimizer "
+            "and metric variables; compile the model again."
+        )
+    return [*zip(optimizer_variables, state[2]),
+            *zip(metrics_variables, state[3])]
+
+
+class HookedTrainFunction:
+    """`model.train_function` during one `fit`: the hooked one when armed.
+
+    Keras' `fit` calls `model.train_function` once per batch (TF:
+    `logs = f(iterator)`, JAX: `logs, state = f(state, iterator)`). Set
+    `armed` before each call: the call then runs `function` (from
+    `train_function_around`), takes the value at `key` out of its logs into
+    `output`, and disarms. Unarmed, it runs the model's own train function: a wrapper
+    left behind by a `fit` that raised does nothing in later calls.
     """
 
-    def __init__(self, model, hook):
-        function = model.train_function
-        while isinstance(function, AfterJaxTrainStep):  # left by a failed fit
-            function = function.train_function
-        self.train_function = function
-        self.hook = hook
+    def __init__(self, model, function, key):
+        self.own = own_train_function(model)
+        self.function = function
+        self.key = key
         self.armed = False
-        self.ran = False  # whether the hook ran in the last call
+        self.output = None
         model.train_function = self
 
-    def __call__(self, state, iterator):
-        logs, state = self.train_function(state, iterator)
-        armed, self.armed, self.ran = self.armed, False, False
-        if (
-            armed
-            and isinstance(state, tuple)
-            and len(state) == 4
-            and all(isinstance(values, list) for values in state)
-        ):
-            self.ran = self.hook(state)
-        return logs, state
+    def __call__(self, *args):
+        armed, self.armed = self.armed, False
+        if not armed:
+            return self.own(*args)
+        outputs = self.function(*args)
+        logs = outputs[0] if isinstance(outputs, tuple) else outputs
+        self.output = logs.pop(self.key)
+        return outputs
 
     def remove(self, model):
         """Puts `model`'s own train function back (if still wrapped)."""
         self.armed = False
         if model.train_function is self:
-            model.train_function = self.train_function
+            model.train_function = self.own
 
 
-def jax_state_variables(model):
-    """The variables of a JAX `fit`'s state, in the state's order.
-
-    Four lists, as `Trainer._get_jax_state` gathers them: trainable,
-    non-trainable, optimizer and metric variables.
-    """
-    return (
-        model.trainable_variables,
-        model.non_trainable_variables,
-        model.optimizer.variables,
-        model.metrics_variables,
-    )
-
-
-def attach_jax_state(variables, state):
-    """Makes `variables` hold the values `state` (lists of arrays) holds.
-
-    What `jax_state_sync()` does, so that callbacks can read the variables,
-    at a fraction of its cost: `_direct_assign` (the backend's own write,
-    which `assign` ends in) skips `assign`'s conversion and shape check,
-    needless for the trainer's own values; and the state is not marked as
-    synced, so the next step trains on from `state` itself instead of
-    gathering (and purging) every variable again. The next step donates
-    these arrays: until the next sync the variables then hold deleted
-    arrays, where Keras would have left `None`.
-    """
-    for group, values in zip(variables, state):
-        for variable, value in zip(group, values):
-            variable._direct_assign(value)
+def own_train_function(model):
+    """`model.train_function`, without a `HookedTrainFunction` around it."""
+    function = model.train_function
+    while isinstance(function, HookedTrainFunction):  # left by a failed fit
+        function = function.own
+    return function
 
 
 def sync_trainer_state(model):

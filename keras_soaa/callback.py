@@ -1,6 +1,7 @@
 """`TrustRegionCallback`: feeds each trained batch's loss to SOAA during `fit`."""
 
 import contextlib
+import threading
 from typing import NamedTuple
 
 import keras
@@ -101,6 +102,10 @@ def hand_over_loss(state, iterations, observed_iterations, pending, unread,
     )
 
 
+# Where the train step returns the hand-over's report (see `_LossHandOver.in_step`).
+REPORT_LOG = "_keras_soaa_report"
+
+
 class HandOverReport(NamedTuple):
     """What one batch's hand-over reports to the host (one transfer)."""
 
@@ -119,10 +124,12 @@ class HandOverReport(NamedTuple):
 
 
 class _LossHandOver:
-    """Runs `hand_over_loss` on the device, once per batch, in one call.
+    """Runs `hand_over_loss` on the device, once per batch.
 
-    Owns the pending loss sums and the step of the last observation (three
-    scalar variables, outside the optimizer's saved state) and compiles the
+    Either inside the compiled train step (`train_function`, `in_step`) or
+    after the batch, in one call (`__call__`): for the latter it owns the
+    pending loss sums and the step of the last observation (three scalar
+    variables, outside the optimizer's saved state) and compiles the
     hand-over where the backend compiles, so that a batch costs one call and
     one small device-to-host transfer: the report.
     """
@@ -143,6 +150,7 @@ class _LossHandOver:
                 for name in ("pending_total", "pending_count")
             )
         self._compiled = CompiledCache()
+        self._in_step_function = (None, None, None)
 
     def restart(self):
         """Drops the pending loss; the next loss waits for the next step."""
@@ -164,89 +172,44 @@ class _LossHandOver:
         )
         return HandOverReport.from_vector(ops.convert_to_numpy(run()))
 
-    def hand_over_values(self, optimizer_values, metrics_values, positions):
-        """`__call__` on a JAX `fit`'s state lists, in place (JAX only).
+    def in_step(self, iterations_before):
+        """`__call__` inside the train step, right after it (uncompiled).
 
-        Reads the controller state, the step and the unread loss from
-        `optimizer_values` and `metrics_values` (see
-        `internals.AfterJaxTrainStep`) at `positions` (from `locate`) and
-        puts the new values back there, where the next step reads them: no
-        sync of the model's variables and no regather (most of a small
-        model's step). Returns the batch's report vector, on the device
-        (read it with `HandOverReport.from_vector`).
+        For `internals.train_function_around` on a `fit` whose every train
+        step is one optimizer step (see `_hands_over_in_step`): nothing is
+        pending between steps, and the loss waits in the tracker's unread
+        sums while no step was taken (`iterations_before`, the step before
+        the train step, still equals the step). Returns what the step adds
+        to its logs: the report vector and the new radius.
         """
-        state_at, iterations_at, unread_at = positions
-        controller = self.optimizer.controller()
-        run = self._compiled.get(("values", controller),
-                                 lambda: _compile_values_hand_over(controller))
-        state, observed_iterations, pending, unread, report = run(
-            TrustRegionState(*(optimizer_values[i] for i in state_at)),
-            optimizer_values[iterations_at],
-            self._observed_iterations.value,
-            tuple(variable.value for variable in self._pending),
-            tuple(metrics_values[i] for i in unread_at),
+        tracker = self._tracker
+        unread = (read_value(tracker.unread_total),
+                  read_value(tracker.unread_count))
+        zero = ops.zeros_like(unread[0])
+        state, _, left, _, report = hand_over_loss(
+            self.optimizer.trust_region_state(),
+            read_value(self.optimizer.iterations), iterations_before,
+            (zero, zero), unread, observe=self.optimizer.controller(),
         )
-        # Fresh arrays from `run`: the next step may donate them.
-        for i, value in zip(state_at, state):
-            optimizer_values[i] = value
-        for i, value in zip(unread_at, unread):
-            metrics_values[i] = value
-        self._observed_iterations.assign(observed_iterations)
-        for variable, value in zip(self._pending, pending):
-            variable.assign(value)
-        return report
+        self.optimizer.assign_trust_region_state(state)
+        tracker.unread_total.assign(left[0])
+        tracker.unread_count.assign(left[1])
+        return {REPORT_LOG: report, "radius": state.radius}
 
-    def locate(self, model):
-        """Where `hand_over_values` finds its inputs, or `None` if unsure.
+    def train_function(self, model):
+        """`model`'s train function with `in_step` after each step.
 
-        Returns `(positions, sizes)`: `positions` holds the indices of the
-        controller state's variables (field by field) and of SOAA's
-        `iterations` in `model.optimizer.variables`, and of the tracker's
-        unread sums in `model.metrics_variables`; `sizes` the lengths of both
-        lists, to check the state lists against.
+        Built once per model train function and controller, so that
+        later `fit`s reuse its compiled program.
         """
-        optimizer_variables = model.optimizer.variables
-        metrics_variables = model.metrics_variables
-
-        def index(variables, target):
-            found = [i for i, v in enumerate(variables) if v is target]
-            return found[0] if len(found) == 1 else None
-
-        # Which variables hold which field of the controller state: write
-        # field k's number k + 1 with `assign_trust_region_state` in a
-        # `StatelessScope` (it records the assignments, the variables keep
-        # their values), then check that `trust_region_state` reads them back.
-        fields = len(TrustRegionState._fields)
-        with keras.StatelessScope() as scope:
-            self.optimizer.assign_trust_region_state(
-                TrustRegionState(*range(1, fields + 1))
-            )
-        state_at = [None] * fields
-        for i, variable in enumerate(optimizer_variables):
-            value = scope.get_current_value(variable)
-            if value is None:
-                continue
-            field = int(value) - 1  # not `ops`: no host read to count
-            if not 0 <= field < fields or state_at[field] is not None:
-                return None
-            state_at[field] = i
-        if None in state_at:
-            return None
-        with keras.StatelessScope(state_mapping=[
-            (variable, ops.full((), field + 1, variable.dtype))
-            for field, variable in enumerate(
-                optimizer_variables[i] for i in state_at)
-        ]):
-            read = self.optimizer.trust_region_state()
-        if [float(x) for x in read] != list(range(1, fields + 1)):
-            return None
-        iterations_at = index(optimizer_variables, self.optimizer.iterations)
-        unread_at = (index(metrics_variables, self._tracker.unread_total),
-                     index(metrics_variables, self._tracker.unread_count))
-        if iterations_at is None or None in unread_at:
-            return None
-        return ((tuple(state_at), iterations_at, unread_at),
-                (len(optimizer_variables), len(metrics_variables)))
+        own = internals.own_train_function(model)
+        controller = self.optimizer.controller()
+        if self._in_step_function[:2] != (own, controller):
+            iterations = self.optimizer.iterations
+            self._in_step_function = (own, controller, internals.train_function_around(
+                model, lambda: read_value(iterations), self.in_step,
+            ))
+        return self._in_step_function[2]
 
     def _inputs(self):
         tracker = self._tracker
@@ -269,31 +232,31 @@ class _LossHandOver:
         return report
 
 
-def _compile_values_hand_over(controller):
-    """`hand_over_loss` under `jax.jit`, its outputs in its inputs' dtypes.
+def _hands_over_in_step(model, optimizer: SOAA) -> bool:
+    """Whether `fit` can run the hand-over inside its compiled train step.
 
-    They go into `fit`'s state as they are, without `Variable.assign`'s
-    cast; another dtype would also make the train step trace again.
+    Where every train step is one optimizer step of this SOAA (not wrapped,
+    no gradient accumulation, one step per execution) on one device, and
+    the backend compiles the step (TensorFlow, JAX): the loss handed over
+    after a step is then that step's batch loss, as after the batch, and
+    nothing is pending between steps. Elsewhere the callback hands over
+    after the batch, in a call of its own.
     """
-    import jax
+    backend = keras.backend.backend()
+    if (
+        backend not in ("tensorflow", "jax")
+        or model.run_eagerly
+        or model.optimizer is not optimizer
+        or optimizer.gradient_accumulation_steps
+        or model.steps_per_execution != 1
+    ):
+        return False
+    if backend == "jax":
+        return keras.distribution.distribution() is None
+    import tensorflow as tf
 
-    def cast(new, old):
-        return tuple(ops.cast(n, o.dtype) for n, o in zip(new, old))
-
-    def run(state, iterations, observed_iterations, pending, unread):
-        new_state, observed, new_pending, new_unread, report = hand_over_loss(
-            state, iterations, observed_iterations, pending, unread,
-            observe=controller,
-        )
-        return (
-            TrustRegionState(*cast(new_state, state)),
-            ops.cast(observed, observed_iterations.dtype),
-            cast(new_pending, pending),
-            cast(new_unread, unread),
-            report,
-        )
-
-    return jax.jit(run)
+    return (not tf.distribute.has_strategy()
+            and model.distribute_strategy is tf.distribute.get_strategy())
 
 
 def _use_batch_loss_tracker(model) -> BatchLossMean:
@@ -323,16 +286,18 @@ class TrustRegionCallback(keras.callbacks.Callback):
     size as `fit` reports it, to the controller. With `steps_per_execution >
     1` that is their weighted mean.
 
-    The hand-over runs on the device, in one compiled call per batch (on
-    torch, eagerly) that applies `SOAA.observe_loss`'s controller step to the
-    tracked loss: the loss never travels to the host and back. The batch's
-    only device-to-host transfer is one small report (whether a loss was
-    observed, the loss, the new controller state) from which the radius is
-    logged. On JAX (without a `keras.distribution`) the call runs right after
-    each train step, on the state the next step trains from (see
-    `internals.AfterJaxTrainStep`), rather than after a sync of every
-    variable into the model, which costs a small model most of a step;
-    callbacks listed before this one then already see the new state.
+    The hand-over runs on the device: the loss never travels to the host
+    and back. Where every train step is one step of the model's own SOAA
+    (not wrapped, no gradient accumulation, one step per execution, one
+    device) and the backend compiles the step (TensorFlow, JAX), it runs
+    inside the train step, right after it (see
+    `internals.train_function_around`), and the step's logs carry the new
+    radius: a batch then costs the callback no call and no transfer, and on
+    JAX Keras need not wait for each step before starting the next.
+    Elsewhere (torch, and the other cases) it runs after the batch, in one
+    compiled call (on torch, eagerly) whose one device-to-host transfer is a
+    small report (whether a loss was observed, the loss, the new controller
+    state) from which the radius is logged.
 
     A loss is observed once the optimizer has taken a step since the previous
     observation. Batches that moved no weights (a step skipped by
@@ -413,68 +378,78 @@ class TrustRegionCallback(keras.callbacks.Callback):
                 getattr(self.model, "distribute_strategy", None),  # TF only
             )
         self._hand_over.restart()
-        self.last_report = None
-        # JAX: the hand-over runs on the train function's new state (see
-        # `internals.AfterJaxTrainStep`), not after a sync of every variable.
-        self._in_step = None
-        self._in_step_report = None
+        self._report = None  # from the last hand-over after a batch
+        self._decoded = (None, None)  # an in-step report, read on the host
         model = internals.callback_model(self)
-        if (
+        self._in_step = None
+        if _hands_over_in_step(model, self._optimizer):
+            self._in_step = internals.HookedTrainFunction(
+                model, self._hand_over.train_function(model), REPORT_LOG
+            )
+        self._batch_end_done = threading.Event()
+        self._batch_end_done.set()
+
+    @property
+    def async_safe(self) -> bool:
+        """Whether Keras may run this callback's batch ends off the main thread.
+
+        On JAX, so that `fit` need not wait for each step to finish (it
+        does for a callback that is not `async_safe`): where the hand-over
+        runs inside the train step there is nothing left to do per batch,
+        and elsewhere the next batch waits for this one's hand-over. Not in
+        a subclass with its own `on_train_batch_end`, which may read
+        `last_report` (the train function sets it on the main thread).
+        """
+        return (
             keras.backend.backend() == "jax"
-            # Its outputs would need the state's shardings.
-            and keras.distribution.distribution() is None
-        ):
-            self._located = self._hand_over.locate(model)
-            self._state_variables = internals.jax_state_variables(model)
-            if self._located is not None:
-                self._in_step = internals.AfterJaxTrainStep(
-                    model, self._hand_over_in_step
-                )
+            and type(self).on_train_batch_end is TrustRegionCallback.on_train_batch_end
+        )
 
     def on_train_batch_begin(self, batch, logs=None):
-        """JAX: lets the train function hand the loss over after this step."""
+        """Arms the in-step hand-over, or waits for the last batch's.
+
+        (Keras may run the last batch's end on another thread.)
+        """
         if self._in_step is not None:
             self._in_step.armed = True
+        else:
+            self._batch_end_done.wait()
+            self._batch_end_done.clear()
 
     def on_train_batch_end(self, batch, logs=None):
-        """Observes the loss of the batch(es) trained since the last step."""
-        if self._in_step is not None and self._in_step.ran:
-            self._in_step.ran = False
-            self.last_report = HandOverReport.from_vector(
-                ops.convert_to_numpy(self._in_step_report)
-            )
-        else:
+        """Observes the loss of the batch(es) trained since the last step.
+
+        Where the train step has handed it over, it also put the radius in
+        the logs, on the device: nothing to do, nothing to wait for.
+        """
+        if self._in_step is not None:
+            return
+        try:
             # Not `self.model`, which on JAX syncs every variable already.
             internals.sync_trainer_state(internals.callback_model(self))
-            self.last_report = self._hand_over()
-        if logs is not None:
-            logs["radius"] = self.last_report.state.radius
+            self._report = self._hand_over()
+            if logs is not None:
+                logs["radius"] = self._report.state.radius
+        finally:
+            self._batch_end_done.set()
+
+    @property
+    def last_report(self) -> HandOverReport | None:
+        """What the last hand-over did (`None` before the first batch)."""
+        if self._in_step is None or self._in_step.output is None:
+            return self._report
+        vector = self._in_step.output  # on the device: read it once
+        if self._decoded[0] is not vector:
+            self._decoded = (vector, HandOverReport.from_vector(
+                ops.convert_to_numpy(vector)))
+        return self._decoded[1]
 
     def on_train_end(self, logs=None):
-        """JAX: gives the model its own train function back."""
+        """Gives the model its own train function back."""
         if self._in_step is not None:
+            self._report = self.last_report
             self._in_step.remove(internals.callback_model(self))
             self._in_step = None
-
-    def _hand_over_in_step(self, state) -> bool:
-        """The hand-over on a JAX train step's new state lists, in place.
-
-        Then attaches the state to the variables, as the sync that this
-        callback did before the hand-over moved here: callbacks can read
-        the model's variables (at a fraction of the sync's cost).
-        """
-        positions, sizes = self._located
-        if (
-            (len(state[2]), len(state[3])) != sizes
-            or any(len(values) != len(group) for values, group
-                   in zip(state, self._state_variables))
-        ):
-            return False
-        self._in_step_report = self._hand_over.hand_over_values(
-            state[2], state[3], positions
-        )
-        internals.attach_jax_state(self._state_variables, state)
-        return True
 
     def on_epoch_end(self, epoch, logs=None):
         """Adds the radius to the epoch's logs."""

@@ -106,6 +106,37 @@ def test_feeds_weighted_mean_with_steps_per_execution(steps_per_execution):
     assert_state_fed(optimizer, expected)
 
 
+@pytest.mark.parametrize(
+    "steps_per_execution", [1, 2] if BACKEND != "torch" else [1]
+)
+def test_feeds_exact_losses_when_keras_may_run_batch_ends_async(
+    steps_per_execution,
+):
+    """The plain callback (no subclass reading its reports) lets Keras run
+    batch ends on another thread (JAX): in the train step (one step per
+    execution) or after the batch, before the next one starts (two), the
+    controller gets exactly the batch losses."""
+    x, y = make_data()
+    optimizer = SOAA(learning_rate=1e-30)  # keeps the weights: losses known
+    model = make_model(optimizer, steps_per_execution=steps_per_execution)
+    batch_losses = [numpy_mse(model, x[s], y[s]) for s in BATCH_SLICES]
+    sizes = [s.stop - s.start for s in BATCH_SLICES]
+    expected = [
+        np.average(batch_losses[i:i + steps_per_execution],
+                   weights=sizes[i:i + steps_per_execution])
+        for _ in range(EPOCHS)
+        for i in range(0, len(BATCH_SLICES), steps_per_execution)
+    ]
+    callback = TrustRegionCallback()
+    callbacks = keras.callbacks.CallbackList([callback], model=model)
+    assert callbacks._async_train == (BACKEND == "jax")
+    assert not keras.callbacks.CallbackList(
+        [FedLossRecorder()], model=model)._async_train
+    model.fit(x, y, batch_size=BATCH_SIZE, epochs=EPOCHS, shuffle=False,
+              verbose=0, callbacks=[callback])
+    assert_state_fed(optimizer, expected)
+
+
 def test_radius_in_history_and_csv_logs(tmp_path):
     x, y = make_data()
     optimizer = SOAA(learning_rate=0.05)
@@ -223,9 +254,11 @@ def test_model_metrics_keep_one_loss_tracker():
     assert after[0] < before[0]
 
 
-def test_one_host_transfer_per_batch(monkeypatch):
-    """The callback reads one small array per batch from the device, and
-    nothing more (the loss and the controller step stay on the device)."""
+def test_host_transfers_per_batch(monkeypatch):
+    """The loss and the controller step stay on the device. Where the
+    hand-over runs inside the compiled train step (TF, JAX) the callback
+    reads nothing per batch (the radius goes into the logs on the device)
+    and one small array per epoch; elsewhere (torch) one per batch."""
     from keras_soaa import callback
 
     class CountingOps:
@@ -246,7 +279,8 @@ def test_one_host_transfer_per_batch(monkeypatch):
     monkeypatch.setattr(callback, "ops", CountingOps())
     history = model.fit(x, y, batch_size=BATCH_SIZE, epochs=EPOCHS, verbose=0,
                         callbacks=[TrustRegionCallback()])
-    assert CountingOps.transfers == EPOCHS * len(BATCH_SLICES)
+    per_epoch = 1 if BACKEND != "torch" else len(BATCH_SLICES)
+    assert CountingOps.transfers == EPOCHS * per_epoch
     assert float(to_numpy(optimizer.loss_count)) == (EPOCHS + 1) * len(BATCH_SLICES)
     assert history.history["radius"][-1] == float(to_numpy(optimizer.radius))
 
@@ -281,7 +315,7 @@ def test_jax_hand_over_needs_no_state_sync_per_batch():
     """On JAX the hand-over runs on the train function's new state: `fit`
     syncs the variables only at the end of each epoch, as without the
     callback; afterwards the model has its own train function back."""
-    from keras_soaa._keras_internals import AfterJaxTrainStep
+    from keras_soaa._keras_internals import HookedTrainFunction
 
     x, y = make_data()
     optimizer = SOAA(learning_rate=0.05)
@@ -299,7 +333,7 @@ def test_jax_hand_over_needs_no_state_sync_per_batch():
               verbose=0, callbacks=[recorder])
     assert sum(syncs) == EPOCHS
     assert len(recorder.fed) == EPOCHS * len(BATCH_SLICES)
-    assert not isinstance(model.train_function, AfterJaxTrainStep)
+    assert not isinstance(model.train_function, HookedTrainFunction)
     # Without the callback, no loss is handed over.
     count = float(to_numpy(optimizer.loss_count))
     model.fit(x, y, batch_size=BATCH_SIZE, epochs=1, verbose=0)
@@ -310,7 +344,7 @@ def test_jax_hand_over_needs_no_state_sync_per_batch():
 def test_fit_that_raises_leaves_no_hand_over_behind():
     """A `fit` stopped by an exception leaves no hand-over running (on JAX:
     no train function wrapper) in later `fit`s without the callback."""
-    from keras_soaa._keras_internals import AfterJaxTrainStep
+    from keras_soaa._keras_internals import HookedTrainFunction
 
     class Fails(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
@@ -331,4 +365,4 @@ def test_fit_that_raises_leaves_no_hand_over_behind():
     model.fit(x, y, batch_size=BATCH_SIZE, epochs=1, verbose=0,
               callbacks=[recorder])
     assert len(recorder.fed) == len(BATCH_SLICES)
-    assert not isinstance(model.train_function, AfterJaxTrainStep)
+    assert not isinstance(model.train_function, HookedTrainFunction)

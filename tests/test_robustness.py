@@ -949,8 +949,10 @@ def test_fit_twice_and_resumed_fit_continue_the_schedule():
             self.radii = []
 
         def on_train_batch_end(self, batch, logs=None):
-            t = int(to_numpy(optimizer.iterations))
-            self.radii.append((t, logs["radius"]))
+            # Through `self.model`, as a Keras callback reads variables
+            # during a JAX `fit` (the access syncs the training state).
+            t = int(to_numpy(self.model.optimizer.iterations))
+            self.radii.append((t, float(logs["radius"])))
 
     record = Record()
     callbacks = [TrustRegionCallback(), record]
