@@ -74,8 +74,8 @@ def train_function_around(model, before, after):
     In the step, `kept = before()` runs before the train step and
     `after(kept)` right after it; both may read and assign the model's,
     optimizer's and metrics' variables. `after` returns a dict of tensors,
-    which the step returns with its logs. On JAX the train step is pure: the hooks
-    run in a `keras.StatelessScope` over its state lists (as
+    which the step returns with its logs. On JAX the train step is pure:
+    the hooks run in a `keras.StatelessScope` over its state lists (as
     `Optimizer.stateless_apply` does), and what `after` assigns goes into
     the state the next step trains from.
     """
@@ -137,8 +137,9 @@ class HookedTrainFunction:
     `logs = f(iterator)`, JAX: `logs, state = f(state, iterator)`). Set
     `armed` before each call: the call then runs `function` (from
     `train_function_around`), takes the value at `key` out of its logs into
-    `output`, and disarms. Unarmed, it runs the model's own train function: a wrapper
-    left behind by a `fit` that raised does nothing in later calls.
+    `output`, and disarms. Unarmed, it runs the model's own train function:
+    a wrapper left behind by a `fit` that raised does nothing in later
+    calls.
     """
 
     def __init__(self, model, function, key):
