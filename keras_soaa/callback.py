@@ -236,11 +236,13 @@ def _hands_over_in_step(model, optimizer: SOAA) -> bool:
     """Whether `fit` can run the hand-over inside its compiled train step.
 
     Where every train step is one optimizer step of this SOAA (not wrapped,
-    no gradient accumulation, one step per execution) on one device, and
-    the backend compiles the step (TensorFlow, JAX): the loss handed over
-    after a step is then that step's batch loss, as after the batch, and
-    nothing is pending between steps. Elsewhere the callback hands over
-    after the batch, in a call of its own.
+    no gradient accumulation, one step per execution) and the backend
+    compiles the step (JAX, also under a `keras.distribution`, where the
+    hand-over's outputs join the step's sharded state; TensorFlow without a
+    strategy, whose replica context would read per-replica loss sums):
+    the loss handed over after a step is then that step's batch loss, as
+    after the batch, and nothing is pending between steps. Elsewhere the
+    callback hands over after the batch, in a call of its own.
     """
     backend = keras.backend.backend()
     if (
@@ -252,7 +254,7 @@ def _hands_over_in_step(model, optimizer: SOAA) -> bool:
     ):
         return False
     if backend == "jax":
-        return keras.distribution.distribution() is None
+        return True  # also under a `keras.distribution`: inside the step
     import tensorflow as tf
 
     return (not tf.distribute.has_strategy()
@@ -288,8 +290,9 @@ class TrustRegionCallback(keras.callbacks.Callback):
 
     The hand-over runs on the device: the loss never travels to the host
     and back. Where every train step is one step of the model's own SOAA
-    (not wrapped, no gradient accumulation, one step per execution, one
-    device) and the backend compiles the step (TensorFlow, JAX), it runs
+    (not wrapped, no gradient accumulation, one step per execution) and the
+    backend compiles the step (JAX, also under a `keras.distribution`;
+    TensorFlow without a `tf.distribute` strategy), it runs
     inside the train step, right after it (see
     `internals.train_function_around`), and the step's logs carry the new
     radius: a batch then costs the callback no call and no transfer, and on
