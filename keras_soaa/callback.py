@@ -39,10 +39,11 @@ class BatchLossMean(keras.metrics.Mean):
     A `keras.metrics.Mean` (what `fit` reports as `loss`: the epoch's running
     mean, weighted by batch size) plus `unread_total` and `unread_count`, the
     weighted loss sum and weight added since `TrustRegionCallback` last read
-    and cleared them. The callback reads the batch loss from these, not from
-    the epoch's running total: in float32 that total loses the low digits of
-    a late, small batch loss (off by 14% after 400 batches of a falling
-    loss).
+    and cleared them, and `pending_total` and `pending_count`, those it read
+    but could not hand over yet (batches that applied no step). The callback
+    reads the batch loss from these, not from the epoch's running total: in
+    float32 that total loses the low digits of a late, small batch loss (off
+    by 14% after 400 batches of a falling loss).
     """
 
     def __init__(self, name="loss", dtype=None):
@@ -53,8 +54,25 @@ class BatchLossMean(keras.metrics.Mean):
         self.unread_count = self.add_variable(
             shape=(), initializer="zeros", dtype=self.dtype, name="unread_count"
         )
+        self.pending_total = self.add_variable(
+            shape=(), initializer="zeros", dtype=self.dtype, name="pending_total"
+        )
+        self.pending_count = self.add_variable(
+            shape=(), initializer="zeros", dtype=self.dtype, name="pending_count"
+        )
         # The `TrustRegionCallback` hand-over that reads and clears them.
         self.hand_over = None
+
+    def reset_state(self):
+        """Resets all but the pending sums.
+
+        Those join the next applied step's loss, also across epochs;
+        `TrustRegionCallback` clears them at the start of `fit`.
+        """
+        pending = (self.pending_total, self.pending_count)
+        for variable in self.variables:
+            if not any(variable is p for p in pending):
+                variable.assign(ops.zeros(variable.shape, dtype=variable.dtype))
 
     def update_state(self, values, sample_weight=None):
         """Adds `values` (weighted) to the mean and to the unread sums."""
@@ -128,10 +146,10 @@ class _LossHandOver:
 
     Either inside the compiled train step (`train_function`, `in_step`) or
     after the batch, in one call (`__call__`): for the latter it owns the
-    pending loss sums and the step of the last observation (three scalar
-    variables, outside the optimizer's saved state) and compiles the
-    hand-over where the backend compiles, so that a batch costs one call and
-    one small device-to-host transfer: the report.
+    step of the last observation (a scalar variable, outside the
+    optimizer's saved state) and compiles the hand-over where the backend
+    compiles, so that a batch costs one call and one small device-to-host
+    transfer: the report.
     """
 
     def __init__(self, optimizer: SOAA, tracker: BatchLossMean, strategy=None):
@@ -142,20 +160,13 @@ class _LossHandOver:
                 0, dtype=optimizer.iterations.dtype, trainable=False,
                 aggregation="only_first_replica", name="observed_iterations",
             )
-            self._pending = tuple(
-                keras.Variable(
-                    0.0, dtype=tracker.dtype, trainable=False,
-                    aggregation="only_first_replica", name=name,
-                )
-                for name in ("pending_total", "pending_count")
-            )
         self._compiled = CompiledCache()
         self._in_step_function = (None, None, None)
 
     def restart(self):
         """Drops the pending loss; the next loss waits for the next step."""
-        for variable in self._pending:
-            variable.assign(0.0)
+        self._tracker.pending_total.assign(0.0)
+        self._tracker.pending_count.assign(0.0)
         # A copy: on JAX the trainer donates (deletes) the iterations' array.
         self._observed_iterations.assign(ops.add(self.optimizer.iterations, 0))
 
@@ -175,25 +186,17 @@ class _LossHandOver:
     def in_step(self, iterations_before):
         """`__call__` inside the train step, right after it (uncompiled).
 
-        For `internals.train_function_around` on a `fit` whose every train
-        step is one optimizer step (see `_hands_over_in_step`): nothing is
-        pending between steps, and the loss waits in the tracker's unread
-        sums while no step was taken (`iterations_before`, the step before
-        the train step, still equals the step). Returns what the step adds
-        to its logs: the report vector and the new radius.
+        For `internals.train_function_around` (see `_hands_over_in_step`):
+        the step has stepped the optimizer if its step count is no longer
+        `iterations_before`, read before the train step. Returns what the
+        step adds to its logs: the report vector and the new radius.
         """
-        tracker = self._tracker
-        unread = (read_value(tracker.unread_total),
-                  read_value(tracker.unread_count))
-        zero = ops.zeros_like(unread[0])
-        state, _, left, _, report = hand_over_loss(
+        state, _, pending, unread, report = hand_over_loss(
             self.optimizer.trust_region_state(),
             read_value(self.optimizer.iterations), iterations_before,
-            (zero, zero), unread, observe=self.optimizer.controller(),
+            *self._tracked_sums(), observe=self.optimizer.controller(),
         )
-        self.optimizer.assign_trust_region_state(state)
-        tracker.unread_total.assign(left[0])
-        tracker.unread_count.assign(left[1])
+        self._assign_tracked(state, pending, unread)
         return {REPORT_LOG: report, "radius": state.radius}
 
     def train_function(self, model):
@@ -205,51 +208,62 @@ class _LossHandOver:
         own = internals.own_train_function(model)
         controller = self.optimizer.controller()
         if self._in_step_function[:2] != (own, controller):
-            iterations = self.optimizer.iterations
             self._in_step_function = (own, controller, internals.train_function_around(
-                model, lambda: read_value(iterations), self.in_step,
+                model, lambda: read_value(self.optimizer.iterations), self.in_step,
             ))
         return self._in_step_function[2]
 
-    def _inputs(self):
+    def _tracked_sums(self):
+        # `(pending, unread)`, each `(total, count)`, from the tracker.
         tracker = self._tracker
+        return (
+            (read_value(tracker.pending_total), read_value(tracker.pending_count)),
+            (read_value(tracker.unread_total), read_value(tracker.unread_count)),
+        )
+
+    def _assign_tracked(self, state, pending, unread):
+        self.optimizer.assign_trust_region_state(state)
+        tracker = self._tracker
+        for variable, value in zip(
+            (tracker.pending_total, tracker.pending_count,
+             tracker.unread_total, tracker.unread_count),
+            (*pending, *unread),
+        ):
+            variable.assign(value)
+
+    def _inputs(self):
         return (
             self.optimizer.trust_region_state(),
             read_value(self.optimizer.iterations),
             read_value(self._observed_iterations),
-            tuple(read_value(v) for v in self._pending),
-            (read_value(tracker.unread_total), read_value(tracker.unread_count)),
+            *self._tracked_sums(),
         )
 
     def _assign(self, outputs):
         state, observed_iterations, pending, unread, report = outputs
-        self.optimizer.assign_trust_region_state(state)
+        self._assign_tracked(state, pending, unread)
         self._observed_iterations.assign(observed_iterations)
-        for variable, value in zip(self._pending, pending):
-            variable.assign(value)
-        self._tracker.unread_total.assign(unread[0])
-        self._tracker.unread_count.assign(unread[1])
         return report
 
 
-def _hands_over_in_step(model, optimizer: SOAA) -> bool:
+def _hands_over_in_step(model) -> bool:
     """Whether `fit` can run the hand-over inside its compiled train step.
 
-    Where every train step is one optimizer step of this SOAA (not wrapped,
-    no gradient accumulation, one step per execution) and the backend
+    Where `fit` runs one train step per execution (with more, the
+    callback hands over their mean, after the batch) and the backend
     compiles the step (JAX, also under a `keras.distribution`, where the
     hand-over's outputs join the step's sharded state; TensorFlow without a
-    strategy, whose replica context would read per-replica loss sums):
-    the loss handed over after a step is then that step's batch loss, as
-    after the batch, and nothing is pending between steps. Elsewhere the
-    callback hands over after the batch, in a call of its own.
+    strategy, whose replica context would read per-replica loss sums).
+    Right after a train step the hand-over sees what it would see after
+    the batch: this batch's loss, and the loss of earlier batches that
+    applied no step (a `LossScaleOptimizer` skip, gradient accumulation).
+    Elsewhere the callback hands over after the batch, in a call of its
+    own.
     """
     backend = keras.backend.backend()
     if (
         backend not in ("tensorflow", "jax")
         or model.run_eagerly
-        or model.optimizer is not optimizer
-        or optimizer.gradient_accumulation_steps
         or model.steps_per_execution != 1
     ):
         return False
@@ -289,18 +303,18 @@ class TrustRegionCallback(keras.callbacks.Callback):
     1` that is their weighted mean.
 
     The hand-over runs on the device: the loss never travels to the host
-    and back. Where every train step is one step of the model's own SOAA
-    (not wrapped, no gradient accumulation, one step per execution) and the
-    backend compiles the step (JAX, also under a `keras.distribution`;
-    TensorFlow without a `tf.distribute` strategy), it runs
+    and back. Where `fit` runs one train step per execution and the backend
+    compiles the step (JAX, also under a `keras.distribution`; TensorFlow
+    without a `tf.distribute` strategy), it runs
     inside the train step, right after it (see
     `internals.train_function_around`), and the step's logs carry the new
     radius: a batch then costs the callback no call and no transfer, and on
     JAX Keras need not wait for each step before starting the next.
-    Elsewhere (torch, and the other cases) it runs after the batch, in one
-    compiled call (on torch, eagerly) whose one device-to-host transfer is a
-    small report (whether a loss was observed, the loss, the new controller
-    state) from which the radius is logged.
+    Elsewhere (torch, `steps_per_execution > 1`, TF strategies,
+    `run_eagerly`) it runs after the batch, in one compiled call (on torch,
+    eagerly) whose one device-to-host transfer is a small report (whether a
+    loss was observed, the loss, the new controller state) from which the
+    radius is logged.
 
     A loss is observed once the optimizer has taken a step since the previous
     observation. Batches that moved no weights (a step skipped by
@@ -385,7 +399,7 @@ class TrustRegionCallback(keras.callbacks.Callback):
         self._decoded = (None, None)  # an in-step report, read on the host
         model = internals.callback_model(self)
         self._in_step = None
-        if _hands_over_in_step(model, self._optimizer):
+        if _hands_over_in_step(model):
             self._in_step = internals.HookedTrainFunction(
                 model, self._hand_over.train_function(model), REPORT_LOG
             )

@@ -254,11 +254,13 @@ def test_model_metrics_keep_one_loss_tracker():
     assert after[0] < before[0]
 
 
-def test_host_transfers_per_batch(monkeypatch):
+@pytest.mark.parametrize("setup", ["plain", "loss_scale", "accumulation"])
+def test_host_transfers_per_batch(monkeypatch, setup):
     """The loss and the controller step stay on the device. Where the
-    hand-over runs inside the compiled train step (TF, JAX) the callback
-    reads nothing per batch (the radius goes into the logs on the device)
-    and one small array per epoch; elsewhere (torch) one per batch."""
+    hand-over runs inside the compiled train step (TF, JAX; also with a
+    `LossScaleOptimizer` or gradient accumulation) the callback reads
+    nothing per batch (the radius goes into the logs on the device) and one
+    small array per epoch; elsewhere (torch) one per batch."""
     from keras_soaa import callback
 
     class CountingOps:
@@ -272,8 +274,12 @@ def test_host_transfers_per_batch(monkeypatch):
             return keras.ops.convert_to_numpy(x)
 
     x, y = make_data()
-    optimizer = SOAA(learning_rate=0.05)
-    model = make_model(optimizer)
+    accumulation = 2 if setup == "accumulation" else None
+    optimizer = SOAA(learning_rate=0.05, gradient_accumulation_steps=accumulation)
+    model = make_model(
+        keras.optimizers.LossScaleOptimizer(optimizer)
+        if setup == "loss_scale" else optimizer
+    )
     model.fit(x, y, batch_size=BATCH_SIZE, epochs=1, verbose=0,
               callbacks=[TrustRegionCallback()])  # builds and traces
     monkeypatch.setattr(callback, "ops", CountingOps())
@@ -281,7 +287,8 @@ def test_host_transfers_per_batch(monkeypatch):
                         callbacks=[TrustRegionCallback()])
     per_epoch = 1 if BACKEND != "torch" else len(BATCH_SLICES)
     assert CountingOps.transfers == EPOCHS * per_epoch
-    assert float(to_numpy(optimizer.loss_count)) == (EPOCHS + 1) * len(BATCH_SLICES)
+    steps = (EPOCHS + 1) * len(BATCH_SLICES) // (accumulation or 1)
+    assert float(to_numpy(optimizer.loss_count)) == steps
     assert history.history["radius"][-1] == float(to_numpy(optimizer.radius))
 
 
