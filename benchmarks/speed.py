@@ -19,7 +19,9 @@ the step (the callback's hand-over, Keras' own loop) dominates: an MLP
 64-128-128-10 and a logistic regression (64 inputs, 10 classes), batch 64,
 `--small-steps` steps per timed epoch, compiled on TensorFlow and JAX (eager
 on torch); it skips the memory and `apply` tables, which measure the large
-MLP.
+MLP. It also times them in a custom loop (mode `custom loop`: gradients and
+`apply`, plus SOAA's `observe_loss`, in one `tf.function` / `jax.jit` step,
+eager on torch), the way a training loop without `fit` feeds SOAA.
 """
 
 import argparse
@@ -204,6 +206,112 @@ def time_fit(model_name, mode, args):
     return result
 
 
+def custom_loop_step(model, loss_fn, optimizer, observe):
+    """One step of a custom training loop: gradients, `optimizer.apply` and,
+    if `observe`, `optimizer.observe_loss` (how a loop without `fit` feeds
+    SOAA), compiled where the backend compiles. Returns
+    `step(x, y) -> loss`, the loss on the device."""
+    import keras
+
+    backend = keras.backend.backend()
+    variables = model.trainable_variables
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        @tf.function(jit_compile=True)
+        def step(x, y):
+            with tf.GradientTape() as tape:
+                loss = loss_fn(y, model(x, training=True))
+            optimizer.apply(tape.gradient(loss, variables), variables)
+            if observe:
+                optimizer.observe_loss(loss)
+            return loss
+
+        return step
+    if backend == "jax":
+        import jax
+
+        def loss_and_state(trainable, non_trainable, x, y):
+            y_pred, non_trainable = model.stateless_call(
+                trainable, non_trainable, x, training=True)
+            return loss_fn(y, y_pred), non_trainable
+
+        @jax.jit
+        def jax_step(state, x, y):
+            trainable, non_trainable, optimizer_values = state
+            (loss, non_trainable), grads = jax.value_and_grad(
+                loss_and_state, has_aux=True)(trainable, non_trainable, x, y)
+            trainable, optimizer_values = optimizer.stateless_apply(
+                optimizer_values, grads, trainable)
+            if observe:
+                optimizer_values = optimizer.stateless_observe_loss(
+                    optimizer_values, loss)
+            return (trainable, non_trainable, optimizer_values), loss
+
+        state = [
+            [v.value for v in model.trainable_variables],
+            [v.value for v in model.non_trainable_variables],
+            [v.value for v in optimizer.variables],
+        ]
+
+        def step(x, y):
+            state[:], loss = jax_step(tuple(state), x, y)
+            return loss
+
+        return step
+    import torch
+
+    def step(x, y):
+        model.zero_grad()
+        loss = loss_fn(y, model(x, training=True))
+        loss.backward()
+        with torch.no_grad():
+            optimizer.apply([v.value.grad for v in variables], variables)
+            if observe:
+                optimizer.observe_loss(loss.detach())
+        return loss
+
+    return step
+
+
+def time_custom_loop(model_name, args):
+    """Median ms/step of a custom loop (`custom_loop_step`), timed
+    alternately: Adam's `apply` against SOAA's `apply` + `observe_loss`."""
+    import keras
+    import numpy as np
+
+    import keras_soaa
+
+    batch, steps = 64, args.small_steps
+    runs = {}
+    for opt_name in ("adam", "soaa"):
+        model, _, input_shape, classes = make_model(model_name, args.quick)
+        optimizer = (keras.optimizers.Adam(1e-3) if opt_name == "adam"
+                     else keras_soaa.SOAA(1e-3, total_steps=10_000))
+        optimizer.build(model.trainable_variables)
+        loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        step = custom_loop_step(model, loss_fn, optimizer, opt_name == "soaa")
+        x, y = make_data(input_shape, classes, batch, steps, False)
+        batches = [(keras.ops.convert_to_tensor(x[i:i + batch]),
+                    keras.ops.convert_to_tensor(y[i:i + batch]))
+                   for i in range(0, len(x), batch)]
+        step(*batches[0])  # warm-up: tracing and compilation
+        runs[opt_name] = (step, batches, optimizer, [])
+    for _ in range(args.repeats):
+        for opt_name in ("adam", "soaa"):
+            step, batches, _, seconds = runs[opt_name]
+            start = time.perf_counter()
+            for x, y in batches:
+                loss = step(x, y)
+            np.asarray(keras.ops.convert_to_numpy(loss))  # waits for the last
+            seconds.append(time.perf_counter() - start)
+    result = {}
+    for opt_name, (_, _, optimizer, seconds) in runs.items():
+        result[opt_name] = 1000 * statistics.median(seconds) / steps
+        result[f"{opt_name}_state_bytes"] = state_bytes(optimizer)
+    return result
+
+
 def time_apply(args):
     """Median ms of `optimizer.apply` on `--apply-params` parameters."""
     import keras
@@ -282,10 +390,15 @@ def worker(args):
     backend = keras.backend.backend()
     out = {"backend": backend, "fit": [], "apply": None}
     for model_name in args.models.split(","):
-        for mode in MODES[backend]:
-            if model_name in SMALL_MODELS and mode == "eager" and backend != "torch":
-                continue  # the per-batch overhead that matters: compiled fit
-            row = time_fit(model_name, mode, args)
+        modes = MODES[backend]
+        if model_name in SMALL_MODELS:
+            # The per-batch overhead that matters: compiled `fit`, and a
+            # custom loop that feeds SOAA with `observe_loss`.
+            modes = [m for m in modes if m != "eager" or backend == "torch"]
+            modes = [*modes, "custom loop"]
+        for mode in modes:
+            row = (time_custom_loop(model_name, args) if mode == "custom loop"
+                   else time_fit(model_name, mode, args))
             row.update(model=model_name, mode=mode)
             out["fit"].append(row)
             print(f"  {backend} {mode} {model_name}: adam {row['adam']:.2f} "

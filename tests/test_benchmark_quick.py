@@ -563,3 +563,30 @@ def test_evaluating_at_another_point_puts_the_weights_back():
                                [[2.0, 2.0]])
     for variable, value in zip(model.trainable_variables, before):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), value)
+
+
+def test_speed_custom_loop_feeds_soaa_and_times_both_sides():
+    """`speed.py`'s custom-loop mode: SOAA's step applies and observes (one
+    loss per step), and the timing returns both sides' figures."""
+    import argparse
+
+    import speed
+    from conftest import BACKEND, to_numpy
+
+    model, _, input_shape, classes = speed.make_model("logreg", quick=True)
+    optimizer = keras_soaa.SOAA(total_steps=100)
+    optimizer.build(model.trainable_variables)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    step = speed.custom_loop_step(model, loss_fn, optimizer, observe=True)
+    x, y = speed.make_data(input_shape, classes, 8, 3, False)
+    losses = [float(to_numpy(step(keras.ops.convert_to_tensor(x[i:i + 8]),
+                                  keras.ops.convert_to_tensor(y[i:i + 8]))))
+              for i in range(0, 24, 8)]
+    assert all(np.isfinite(losses))
+    if BACKEND != "jax":  # JAX's loop keeps its state outside the variables
+        assert int(to_numpy(optimizer.iterations)) == 3
+        assert float(to_numpy(optimizer.loss_count)) == 3
+    args = argparse.Namespace(small_steps=3, repeats=1, quick=True)
+    result = speed.time_custom_loop("logreg", args)
+    assert result["adam"] > 0 and result["soaa"] > 0
+    assert result["soaa_state_bytes"] == result["adam_state_bytes"] + 20
