@@ -403,19 +403,23 @@ class TrustRegionCallback(keras.callbacks.Callback):
             self._in_step = internals.HookedTrainFunction(
                 model, self._hand_over.train_function(model), REPORT_LOG
             )
-        self._batch_end_done = threading.Event()
-        self._batch_end_done.set()
+        # Where the hand-over runs after the batch: whether the batch begun
+        # last still owes one, and the thread `fit` runs on (Keras may run
+        # batch ends on another, see `async_safe`).
+        self._owed = False
+        self._fit_thread = threading.get_ident()
 
     @property
     def async_safe(self) -> bool:
-        """Whether Keras may run this callback's batch ends off the main thread.
+        """Whether Keras may run this callback's batch ends off `fit`'s thread.
 
         On JAX, so that `fit` need not wait for each step to finish (it
         does for a callback that is not `async_safe`): where the hand-over
-        runs inside the train step there is nothing left to do per batch,
-        and elsewhere the next batch waits for this one's hand-over. Not in
-        a subclass with its own `on_train_batch_end`, which may read
-        `last_report` (the train function sets it on the main thread).
+        runs inside the train step there is nothing left to do per batch;
+        elsewhere a batch end off `fit`'s thread leaves the hand-over, which
+        writes the training state, to `fit`'s thread (the next batch's
+        begin, or the epoch's end). Not in a subclass with its own
+        `on_train_batch_end`, which may read `last_report` per batch.
         """
         return (
             keras.backend.backend() == "jax"
@@ -423,32 +427,34 @@ class TrustRegionCallback(keras.callbacks.Callback):
         )
 
     def on_train_batch_begin(self, batch, logs=None):
-        """Arms the in-step hand-over, or waits for the last batch's.
-
-        (Keras may run the last batch's end on another thread.)
-        """
+        """Arms the in-step hand-over, or runs the one the last batch owes."""
         if self._in_step is not None:
             self._in_step.armed = True
-        else:
-            self._batch_end_done.wait()
-            self._batch_end_done.clear()
+            return
+        if self._owed:
+            self._hand_over_after_batch()
+        self._owed = True
 
     def on_train_batch_end(self, batch, logs=None):
         """Observes the loss of the batch(es) trained since the last step.
 
         Where the train step has handed it over, it also put the radius in
         the logs, on the device: nothing to do, nothing to wait for.
+        Elsewhere the hand-over runs now, or, off `fit`'s thread, later on
+        it (the logs then carry the radius as of the batch before).
         """
         if self._in_step is not None:
             return
-        try:
-            # Not `self.model`, which on JAX syncs every variable already.
-            internals.sync_trainer_state(internals.callback_model(self))
-            self._report = self._hand_over()
-            if logs is not None:
-                logs["radius"] = self._report.state.radius
-        finally:
-            self._batch_end_done.set()
+        if threading.get_ident() == self._fit_thread:
+            self._hand_over_after_batch()
+        if logs is not None and self._report is not None:
+            logs["radius"] = self._report.state.radius
+
+    def _hand_over_after_batch(self):
+        self._owed = False
+        # Not `self.model`, which on JAX syncs every variable already.
+        internals.sync_trainer_state(internals.callback_model(self))
+        self._report = self._hand_over()
 
     @property
     def last_report(self) -> HandOverReport | None:
@@ -470,6 +476,8 @@ class TrustRegionCallback(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         """Adds the radius to the epoch's logs."""
+        if self._owed:  # the last batch's, left to `fit`'s thread
+            self._hand_over_after_batch()
         report = self.last_report
         if keras.backend.backend() == "jax" and report is not None and report.observed:
             # Keras 3.15's JAX `fit` ends an epoch of unknown length by
