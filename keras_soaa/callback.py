@@ -403,10 +403,12 @@ class TrustRegionCallback(keras.callbacks.Callback):
             self._in_step = internals.HookedTrainFunction(
                 model, self._hand_over.train_function(model), REPORT_LOG
             )
-        # Where the hand-over runs after the batch: whether the batch begun
-        # last still owes one, and the thread `fit` runs on (Keras may run
-        # batch ends on another, see `async_safe`).
-        self._owed = False
+        # Where the hand-over runs after the batch: the batch begun last if
+        # it still owes one (else `None`), the batch ended last (indices
+        # within the epoch), and the
+        # thread `fit` runs on (Keras may run batch ends on another, see
+        # `async_safe`).
+        self._owed = self._ended = None
         self._fit_thread = threading.get_ident()
 
     @property
@@ -431,9 +433,9 @@ class TrustRegionCallback(keras.callbacks.Callback):
         if self._in_step is not None:
             self._in_step.armed = True
             return
-        if self._owed:
+        if self._owed is not None:  # its step ran: this batch began
             self._hand_over_after_batch()
-        self._owed = True
+        self._owed = batch
 
     def on_train_batch_end(self, batch, logs=None):
         """Observes the loss of the batch(es) trained since the last step.
@@ -445,13 +447,14 @@ class TrustRegionCallback(keras.callbacks.Callback):
         """
         if self._in_step is not None:
             return
+        self._ended = batch
         if threading.get_ident() == self._fit_thread:
             self._hand_over_after_batch()
         if logs is not None and self._report is not None:
             logs["radius"] = self._report.state.radius
 
     def _hand_over_after_batch(self):
-        self._owed = False
+        self._owed = None
         # Not `self.model`, which on JAX syncs every variable already.
         internals.sync_trainer_state(internals.callback_model(self))
         self._report = self._hand_over()
@@ -476,8 +479,15 @@ class TrustRegionCallback(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         """Adds the radius to the epoch's logs."""
-        if self._owed:  # the last batch's, left to `fit`'s thread
+        # The last batch's, left to `fit`'s thread; not if it never ended (an
+        # epoch of unknown length ends in a batch that finds no data). Batch
+        # indices count within the epoch; an execution of several steps
+        # begins at its first and ends at its last.
+        if self._owed is not None and self._ended is not None and (
+            self._ended >= self._owed
+        ):
             self._hand_over_after_batch()
+        self._owed = self._ended = None
         report = self.last_report
         if keras.backend.backend() == "jax" and report is not None and report.observed:
             # Keras 3.15's JAX `fit` ends an epoch of unknown length by

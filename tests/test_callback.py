@@ -137,6 +137,35 @@ def test_feeds_exact_losses_when_keras_may_run_batch_ends_async(
     assert_state_fed(optimizer, expected)
 
 
+@pytest.mark.parametrize(
+    "steps_per_execution", [1, 2, 3] if BACKEND != "torch" else [1]
+)
+def test_feeds_exact_losses_on_epochs_of_unknown_length(steps_per_execution):
+    """A dataset of unknown length ends each epoch in a batch that finds no
+    data: no loss is lost, none is fed twice (whichever thread Keras runs
+    the batch ends on)."""
+    import tensorflow as tf
+
+    x, y = make_data()
+    optimizer = SOAA(learning_rate=1e-30, total_steps=100)
+    model = make_model(optimizer, steps_per_execution=steps_per_execution)
+    batch_losses = [numpy_mse(model, x[s], y[s]) for s in BATCH_SLICES]
+    sizes = [s.stop - s.start for s in BATCH_SLICES]
+    expected = [
+        np.average(batch_losses[i:i + steps_per_execution],
+                   weights=sizes[i:i + steps_per_execution])
+        for _ in range(EPOCHS)
+        for i in range(0, len(BATCH_SLICES), steps_per_execution)
+    ]
+    dataset = (tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH_SIZE)
+               .filter(lambda *_: True))  # its length: unknown
+    assert dataset.cardinality() == tf.data.UNKNOWN_CARDINALITY
+    history = model.fit(dataset, epochs=EPOCHS, verbose=0,
+                        callbacks=[TrustRegionCallback()])
+    assert_state_fed(optimizer, expected)
+    assert history.history["radius"][-1] == float(to_numpy(optimizer.radius))
+
+
 def test_radius_in_history_and_csv_logs(tmp_path):
     x, y = make_data()
     optimizer = SOAA(learning_rate=0.05)
