@@ -348,7 +348,7 @@ def test_exact_losses_next_to_a_callback_that_syncs(syncing_first):
 
 @pytest.mark.skipif(BACKEND != "jax", reason="JAX's training state")
 def test_jax_hand_over_needs_no_state_sync_per_batch():
-    """On JAX the hand-over runs on the train function's new state: `fit`
+    """On JAX the hand-over runs inside the train step, on its state: `fit`
     syncs the variables only at the end of each epoch, as without the
     callback; afterwards the model has its own train function back."""
     from keras_soaa._keras_internals import HookedTrainFunction
