@@ -166,6 +166,20 @@ def test_feeds_exact_losses_on_epochs_of_unknown_length(steps_per_execution):
     assert history.history["radius"][-1] == float(to_numpy(optimizer.radius))
 
 
+def test_validation_losses_are_not_fed():
+    """`fit`'s validation runs through the same loss tracker: none of its
+    losses reaches the controller (each epoch starts from cleared sums)."""
+    x, y = make_data()
+    optimizer = SOAA(learning_rate=0.05)
+    model = make_model(optimizer)
+    recorder, truth = FedLossRecorder(), BatchLossTruth(x, y)
+    model.fit(x, y, batch_size=BATCH_SIZE, epochs=EPOCHS, shuffle=False,
+              verbose=0, validation_data=(x * 3.0, y - 7.0),
+              callbacks=[recorder, truth])
+    np.testing.assert_allclose(recorder.fed, truth.losses, rtol=2e-6)
+    assert_state_fed(optimizer, truth.losses)
+
+
 def test_radius_in_history_and_csv_logs(tmp_path):
     x, y = make_data()
     optimizer = SOAA(learning_rate=0.05)
