@@ -305,11 +305,11 @@ class TrustRegionCallback(keras.callbacks.Callback):
     The hand-over runs on the device: the loss never travels to the host
     and back. Where `fit` runs one train step per execution and the backend
     compiles the step (JAX, also under a `keras.distribution`; TensorFlow
-    without a `tf.distribute` strategy), it runs
-    inside the train step, right after it (see
-    `internals.train_function_around`), and the step's logs carry the new
-    radius: a batch then costs the callback no call and no transfer, and on
-    JAX Keras need not wait for each step before starting the next.
+    without a `tf.distribute` strategy), it runs inside the train step,
+    right after it (see `internals.train_function_around`), and the step's
+    logs carry the new radius: a batch then costs the callback no call and
+    no transfer, and on JAX Keras need not wait for each step before
+    starting the next.
     Elsewhere (torch, `steps_per_execution > 1`, TF strategies,
     `run_eagerly`) it runs after the batch, in one compiled call (on torch,
     eagerly) whose one device-to-host transfer is a small report (whether a
@@ -405,9 +405,8 @@ class TrustRegionCallback(keras.callbacks.Callback):
             )
         # Where the hand-over runs after the batch: the batch begun last if
         # it still owes one (else `None`), the batch ended last (indices
-        # within the epoch), and the
-        # thread `fit` runs on (Keras may run batch ends on another, see
-        # `async_safe`).
+        # within the epoch), and the thread `fit` runs on (Keras may run
+        # batch ends on another, see `async_safe`).
         self._owed = self._ended = None
         self._fit_thread = threading.get_ident()
 
