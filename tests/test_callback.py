@@ -46,6 +46,20 @@ def assert_state_fed(optimizer, losses):
     )
 
 
+def execution_means(model, x, y, steps_per_execution):
+    """The losses `fit` should feed when the weights stay as they are: per
+    execution of `steps_per_execution` batches, their batch-size weighted
+    mean, for `EPOCHS` epochs."""
+    batch_losses = [numpy_mse(model, x[s], y[s]) for s in BATCH_SLICES]
+    sizes = [s.stop - s.start for s in BATCH_SLICES]
+    return [
+        np.average(batch_losses[i:i + steps_per_execution],
+                   weights=sizes[i:i + steps_per_execution])
+        for _ in range(EPOCHS)
+        for i in range(0, len(BATCH_SLICES), steps_per_execution)
+    ]
+
+
 class BatchLossTruth(keras.callbacks.Callback):
     """Records the loss of each batch at the weights it is trained from."""
 
@@ -88,15 +102,7 @@ def test_feeds_weighted_mean_with_steps_per_execution(steps_per_execution):
     # A negligible learning rate keeps the weights: each batch loss is known.
     optimizer = SOAA(learning_rate=1e-30)
     model = make_model(optimizer, steps_per_execution=steps_per_execution)
-    batch_losses = [numpy_mse(model, x[s], y[s]) for s in BATCH_SLICES]
-    sizes = [s.stop - s.start for s in BATCH_SLICES]
-    expected = []
-    for _ in range(EPOCHS):
-        for i in range(0, len(BATCH_SLICES), steps_per_execution):
-            group = slice(i, i + steps_per_execution)
-            expected.append(
-                np.average(batch_losses[group], weights=sizes[group])
-            )
+    expected = execution_means(model, x, y, steps_per_execution)
     recorder = FedLossRecorder()
     model.fit(
         x, y, batch_size=BATCH_SIZE, epochs=EPOCHS, shuffle=False, verbose=0,
@@ -119,14 +125,7 @@ def test_feeds_exact_losses_when_keras_may_run_batch_ends_async(
     x, y = make_data()
     optimizer = SOAA(learning_rate=1e-30)  # keeps the weights: losses known
     model = make_model(optimizer, steps_per_execution=steps_per_execution)
-    batch_losses = [numpy_mse(model, x[s], y[s]) for s in BATCH_SLICES]
-    sizes = [s.stop - s.start for s in BATCH_SLICES]
-    expected = [
-        np.average(batch_losses[i:i + steps_per_execution],
-                   weights=sizes[i:i + steps_per_execution])
-        for _ in range(EPOCHS)
-        for i in range(0, len(BATCH_SLICES), steps_per_execution)
-    ]
+    expected = execution_means(model, x, y, steps_per_execution)
     callback = TrustRegionCallback()
     callbacks = keras.callbacks.CallbackList([callback], model=model)
     assert callbacks._async_train == (BACKEND == "jax")
@@ -149,14 +148,7 @@ def test_feeds_exact_losses_on_epochs_of_unknown_length(steps_per_execution):
     x, y = make_data()
     optimizer = SOAA(learning_rate=1e-30, total_steps=100)
     model = make_model(optimizer, steps_per_execution=steps_per_execution)
-    batch_losses = [numpy_mse(model, x[s], y[s]) for s in BATCH_SLICES]
-    sizes = [s.stop - s.start for s in BATCH_SLICES]
-    expected = [
-        np.average(batch_losses[i:i + steps_per_execution],
-                   weights=sizes[i:i + steps_per_execution])
-        for _ in range(EPOCHS)
-        for i in range(0, len(BATCH_SLICES), steps_per_execution)
-    ]
+    expected = execution_means(model, x, y, steps_per_execution)
     dataset = (tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH_SIZE)
                .filter(lambda *_: True))  # its length: unknown
     assert dataset.cardinality() == tf.data.UNKNOWN_CARDINALITY
