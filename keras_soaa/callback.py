@@ -183,7 +183,7 @@ class _LossHandOver:
         )
         return HandOverReport.from_vector(ops.convert_to_numpy(run()))
 
-    def in_step(self, iterations_before):
+    def in_step(self, iterations_before, controller):
         """`__call__` inside the train step, right after it (uncompiled).
 
         For `internals.train_function_around` (see `_hands_over_in_step`):
@@ -194,7 +194,7 @@ class _LossHandOver:
         state, _, pending, unread, report = hand_over_loss(
             self.optimizer.trust_region_state(),
             read_value(self.optimizer.iterations), iterations_before,
-            *self._tracked_sums(), observe=self.optimizer.controller(),
+            *self._tracked_sums(), observe=controller,
         )
         self._assign_tracked(state, pending, unread)
         return {REPORT_LOG: report, "radius": state.radius}
@@ -208,8 +208,10 @@ class _LossHandOver:
         own = internals.own_train_function(model)
         controller = self.optimizer.controller()
         if self._in_step_function[:2] != (own, controller):
+            # The controller it is cached for is the one it compiles.
             self._in_step_function = (own, controller, internals.train_function_around(
-                model, lambda: read_value(self.optimizer.iterations), self.in_step,
+                model, lambda: read_value(self.optimizer.iterations),
+                lambda iterations_before: self.in_step(iterations_before, controller),
             ))
         return self._in_step_function[2]
 
