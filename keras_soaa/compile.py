@@ -32,7 +32,8 @@ def compile_state_update(read, compute, write, *, jit_compile=False):
       assigned inside the graph: one call).
     - JAX: `compute` under `jax.jit`, values in and out; `read` and `write`
       run eagerly (JAX variables hold values, not buffers to write into).
-    - torch: eagerly.
+    - torch: `compute` recorded once as a graph of torch ops (`TorchTrace`),
+      `read` and `write` eagerly.
 
     Args:
         read: `(*args) -> tuple`, the inputs of `compute`.
@@ -46,6 +47,8 @@ def compile_state_update(read, compute, write, *, jit_compile=False):
         import jax
 
         compute = jax.jit(_as_function(compute))
+    elif backend == "torch":
+        compute = TorchTrace(compute)
 
     def run(*args):
         return write(compute(*read(*args)))
@@ -77,3 +80,78 @@ class CompiledCache:
         if key not in self._functions:
             self._functions[key] = build()
         return self._functions[key]
+
+
+class TorchTrace:
+    """`compute` on torch, replayed as the graph of torch ops it ran once.
+
+    Run op by op, each `keras.ops` call converts and checks its inputs: the
+    callback's hand-over costs ~0.45 ms a batch that way and ~0.08 ms
+    replayed (`benchmarks/speed.py --models small`). The first call with
+    inputs of given shapes and dtypes records the graph with
+    `torch.jit.trace`, which fits a pure function that branches on no
+    value (its conditions are `where`s); `torch.compile` would cost seconds
+    of compilation per configuration and a C++ compiler. Inside
+    `torch.compile` (a user's compiled step) `compute` runs as it is, for
+    Dynamo to trace.
+
+    Args:
+        compute: a pure function of tensors and (named) tuples of tensors,
+            returning the same; its other arguments bound (the trace keeps
+            Python numbers as constants).
+    """
+
+    def __init__(self, compute):
+        self._compute = compute
+        self._traces = {}  # by the inputs' shapes and dtypes
+
+    def __call__(self, *args):
+        """Returns `compute(*args)`, traced for these shapes at first use."""
+        import torch
+
+        if torch.compiler.is_compiling():
+            return self._compute(*args)
+        flat = tuple(_flatten(args))
+        signature = tuple((x.shape, x.dtype, x.device) for x in flat)
+        with torch.no_grad():
+            if signature not in self._traces:
+                self._traces[signature] = self._trace(args, flat)
+            traced, structure = self._traces[signature]
+            return _pack(structure, iter(traced(*flat)))
+
+    def _trace(self, args, flat):
+        import warnings
+
+        import torch
+
+        structure = []
+
+        def flat_compute(*values):
+            outputs = self._compute(*_pack(args, iter(values)))
+            structure.append(outputs)
+            return tuple(_flatten(outputs))
+
+        with warnings.catch_warnings():
+            # `torch.jit.trace` is deprecated in favour of `torch.compile`
+            # (see above), and warns that Python numbers become constants,
+            # which they are meant to be.
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(flat_compute, flat, check_trace=False)
+        return traced, structure[0]
+
+
+# `keras.tree` for the tuples (and named tuples) of tensors that `compute`
+# takes and returns, at a fraction of its cost per call.
+def _flatten(structure):
+    if isinstance(structure, tuple):
+        for item in structure:
+            yield from _flatten(item)
+    else:
+        yield structure
+
+
+def _pack(structure, values):
+    if not isinstance(structure, tuple):
+        return next(values)
+    items = [_pack(item, values) for item in structure]
+    return type(structure)(*items) if hasattr(structure, "_fields") else tuple(items)

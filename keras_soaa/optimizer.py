@@ -1,5 +1,6 @@
 """`SOAA`: Adam moments, a diagonal Fisher estimate and an adaptive trust region."""
 
+import functools
 import warnings
 
 import keras
@@ -481,7 +482,7 @@ class SOAA(keras.optimizers.Optimizer):
                 [self._momentums[i].value for _, _, i in members],
                 [self._velocities[i].value for _, _, i in members],
                 [self._weight_decay_of(variable) for _, variable, _ in members],
-                self._step_scalars(learning_rate, dtype),
+                self._fused_step_scalars(learning_rate, dtype),
                 beta_1=self.beta_1,
                 beta_2=self.beta_2,
                 epsilon=self.epsilon,
@@ -493,6 +494,25 @@ class SOAA(keras.optimizers.Optimizer):
             if gradient_sums is not None:
                 for variable, value in zip(self._gradient_sums, gradient_sums):
                     variable.assign_add(value)
+
+    def _fused_step_scalars(self, learning_rate, dtype):
+        """`_step_scalars` compiled: the fused path runs outside any graph."""
+        step_scalars = self._compiled.get(
+            ("step_scalars", dtype),
+            lambda: compile_state_update(
+                lambda learning_rate: (
+                    ops.convert_to_tensor(learning_rate),
+                    ops.convert_to_tensor(self.iterations),
+                    ops.convert_to_tensor(self._radius),
+                ),
+                functools.partial(
+                    maths.step_scalars, beta_1=self.beta_1, beta_2=self.beta_2,
+                    dtype=dtype,
+                ),
+                lambda scalars: scalars,
+            ),
+        )
+        return step_scalars(learning_rate)
 
     def _apply_weight_decay(self, variables):
         # Weight decay is applied in `update_step` instead, where a step that

@@ -6,7 +6,8 @@ kernels (`keras/src/backend/torch/optimizers/torch_adam.py`). This is the same
 for SOAA: `update_step` below follows `SOAA.update_step` line for line, and
 each function it calls has the name of the `keras_soaa.maths` function it
 stands for, applied to a list of tensors (one per variable). Where `maths`
-only combines per-variable scalars it is called as it is, on vectors.
+only combines per-variable scalars it is called as it is, on vectors, and
+`replayed` (one call instead of a dozen `keras.ops` dispatches).
 tests/test_fast_paths.py checks that both paths give the same numbers.
 
 On CPU a foreach call is a loop of per-tensor kernels and every new array is
@@ -14,16 +15,27 @@ freshly mapped memory: the sums are BLAS dot products and most kernels write
 in place.
 """
 
+import functools
+
 import keras
 import torch
 
 from keras_soaa import maths
-from keras_soaa.maths import (
-    curvature_scale,
-    finite_or_zero,
-    is_finite_step,
-    predicted_reduction,
-)
+from keras_soaa.compile import CompiledCache, TorchTrace
+
+_replays = CompiledCache()
+
+
+def replayed(function, **constants):
+    """`maths.<function>` with `constants` bound, replayed (`TorchTrace`).
+
+    For the functions of per-variable scalars (vectors here): a dozen tiny
+    ops each, which op by op cost more than the kernels of a small model.
+    """
+    return _replays.get(
+        (function, *sorted(constants.items())),
+        lambda: TorchTrace(functools.partial(function, **constants)),
+    )
 
 
 def previous_step_quotient(momentums, velocities, scalars, epsilon):
@@ -164,15 +176,12 @@ def update_step(
     new_m, new_v = moments(momentums, velocities, grads, beta_1, beta_2)
     sums = curvature_sums(new_m, new_v)
     sizes = torch.tensor([p.numel() for p in params], dtype=dtype)
-    c, sum_v_hat_eps = curvature_scale(sums, sizes, scalars, epsilon)
+    c, is_finite = replayed(_scale_and_check, epsilon=epsilon)(sums, sizes, scalars)
     quotients = step_quotient(new_m, new_v, c, scalars, epsilon)
     new_params = new_weight(
         thetas, quotients, scalars, weight_decays, [p.dtype for p in params]
     )
-    predicted = predicted_reduction(
-        *predicted_reduction_sums(new_m, new_v, quotients), scalars
-    )
-    is_finite = is_finite_step(c, sum_v_hat_eps, scalars)
+    predicted_sums = predicted_reduction_sums(new_m, new_v, quotients)
 
     states = momentums + velocities + params
     news = [*new_m, *new_v, *new_params]
@@ -183,10 +192,26 @@ def update_step(
     else:
         for ok, state, new in zip(is_finite.unbind() * 3, states, news):
             torch.where(ok, new, state, out=state)
-    totals = None
-    if gradient_sums is not None:
-        totals = tuple(
-            finite_or_zero(vector.to(torch.float32), is_finite).sum()
-            for vector in sum_vectors
-        )
-    return finite_or_zero(predicted, is_finite).sum(), totals
+    predicted, *totals = replayed(_applied_totals)(
+        predicted_sums, scalars, is_finite,
+        () if gradient_sums is None else sum_vectors,
+    )
+    return predicted, (None if gradient_sums is None else tuple(totals))
+
+
+# The per-variable scalar maths of `SOAA.update_step` between the kernels,
+# in two `replayed` calls.
+def _scale_and_check(sums, sizes, scalars, epsilon):
+    # `maths.curvature_scale` and `maths.is_finite_step`: `(c, is_finite)`.
+    c, sum_v_hat_eps = maths.curvature_scale(sums, sizes, scalars, epsilon)
+    return c, maths.is_finite_step(c, sum_v_hat_eps, scalars)
+
+
+def _applied_totals(predicted_sums, scalars, is_finite, sum_vectors):
+    # `maths.predicted_reduction`, then it and the controller's sums over the
+    # applied steps only (`maths.finite_or_zero`), as float32 totals.
+    predicted = maths.predicted_reduction(*predicted_sums, scalars)
+    return tuple(
+        torch.sum(maths.finite_or_zero(vector.to(torch.float32), is_finite))
+        for vector in (predicted, *sum_vectors)
+    )
