@@ -10,7 +10,9 @@ the peak resident memory of each fit; and one table of `optimizer.apply`
 alone on a large set of variables (compiled where the backend compiles).
 
 Each backend runs in its own process (one backend per process in Keras);
-each peak-memory figure comes from a process of its own. Adam and SOAA are
+each peak-memory figure comes from a process of its own. Timing processes
+keep big allocations on glibc's heap (`HEAP_MALLOC`; `--system-malloc` for
+the defaults). Adam and SOAA are
 timed alternately, epoch by epoch, and the median of the repeats is kept, so
 both see the same machine load.
 
@@ -58,6 +60,9 @@ def parse_args(argv=None):
                         "speed.md (speed_small.md for small models only)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes: checks the script, not the speed")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="time with glibc's default malloc settings "
+                        "(see HEAP_MALLOC)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -429,8 +434,19 @@ def memory_worker(args):
 # --- the driver --------------------------------------------------------------
 
 
-def run_child(backend, extra):
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+# glibc's malloc hands big blocks out as fresh mappings, page-faulted in at
+# each use, and moves that threshold with the history of frees: in one process
+# Adam's 50M-parameter `apply` on torch took 150 or 450 ms by turns, depending
+# on what SOAA's step had freed before. Timing workers keep big blocks on the
+# heap, so that neither side's time depends on the other's allocations (peak
+# memory is measured with the system's default).
+HEAP_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4000000000",
+               "MALLOC_TRIM_THRESHOLD_": "8000000000"}
+
+
+def run_child(backend, extra, env_extra=None):
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3",
+               **(env_extra or {}))
     result = subprocess.run(
         [sys.executable, __file__, *extra], env=env, text=True,
         stdout=subprocess.PIPE, stderr=None, check=True,
@@ -493,7 +509,8 @@ def main(argv=None):
     results = []
     for backend in args.backends.split(","):
         print(f"[{backend}] timing fit and apply ...", flush=True)
-        result = run_child(backend, ["--worker", backend, *passthrough])
+        result = run_child(backend, ["--worker", backend, *passthrough],
+                           None if args.system_malloc else HEAP_MALLOC)
         if only_small(args):
             results.append(result)
             continue
@@ -510,7 +527,10 @@ def main(argv=None):
     output.write_text(
         "# SOAA vs Keras Adam: speed and memory\n\n"
         f"Command: `python benchmarks/speed.py {' '.join(argv or sys.argv[1:])}`"
-        f"\n\n{report}"
+        + ("" if args.system_malloc else
+           " (timed with " + " ".join(f"{k}={v}" for k, v in HEAP_MALLOC.items())
+           + ", see `HEAP_MALLOC`)")
+        + f"\n\n{report}"
     )
     print(f"written to {output}")
 

@@ -7,6 +7,6 @@ saved with it loads with `keras.saving.load_model` without `custom_objects`.
 from keras_soaa.callback import TrustRegionCallback
 from keras_soaa.optimizer import SOAA
 
-__version__ = "0.3.1"
+__version__ = "0.3.2"
 
 __all__ = ["SOAA", "TrustRegionCallback", "__version__"]

@@ -113,7 +113,9 @@ class TorchTrace:
             return self._compute(*args)
         flat = tuple(_flatten(args))
         signature = tuple((x.shape, x.dtype, x.device) for x in flat)
-        with torch.no_grad():
+        # Replayed as recorded: TorchScript's optimizing executor would
+        # compile fused kernels at the second call, for no gain on scalars.
+        with torch.no_grad(), torch.jit.optimized_execution(False):
             if signature not in self._traces:
                 self._traces[signature] = self._trace(args, flat)
             traced, structure = self._traces[signature]
