@@ -70,10 +70,18 @@ def _dots(pairs):
     return torch.stack([torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in pairs])
 
 
-def moments(momentums, velocities, grads, beta_1, beta_2):
-    """`maths.moments` for many variables: its formulas as lerp, mul-add."""
-    new_m = torch._foreach_lerp(momentums, grads, 1 - beta_1)
-    new_v = torch._foreach_mul(velocities, beta_2)
+def moments(momentums, velocities, grads, beta_1, beta_2, in_place=False):
+    """`maths.moments` for many variables: its formulas as lerp, mul-add.
+
+    `in_place`: written into `momentums` and `velocities`, which it returns.
+    """
+    if in_place:
+        torch._foreach_lerp_(momentums, grads, 1 - beta_1)
+        new_m, new_v = momentums, velocities
+        torch._foreach_mul_(new_v, beta_2)
+    else:
+        new_m = torch._foreach_lerp(momentums, grads, 1 - beta_1)
+        new_v = torch._foreach_mul(velocities, beta_2)
     torch._foreach_addcmul_(new_v, grads, grads, 1 - beta_2)
     return new_m, new_v
 
@@ -105,14 +113,21 @@ def step_quotient(new_m, new_v, curvature_scale, scalars, epsilon):
     return denominator
 
 
-def new_weight(thetas, quotients, scalars, weight_decays, dtypes):
+def new_weight(thetas, quotients, scalars, weight_decays, dtypes, in_place=False):
     """`maths.new_weight` for many variables.
 
     `weight_decays` has one entry per variable (`None` where it is not
-    decayed), `dtypes` the variables' torch dtypes.
+    decayed), `dtypes` the variables' torch dtypes. `in_place`: written into
+    `thetas` (of those dtypes, which do not saturate), returned.
     """
     lr = scalars.learning_rate
     step_scale = scalars.radius / scalars.beta_1_correction
+    if in_place:
+        for theta, quotient, weight_decay in zip(thetas, quotients, weight_decays):
+            if weight_decay is not None:
+                theta.addcmul_(theta, -weight_decay * lr)
+            theta.addcmul_(quotient, -lr * step_scale)
+        return thetas
     new_thetas = []
     for theta, quotient, weight_decay, dtype in zip(
         thetas, quotients, weight_decays, dtypes
@@ -173,19 +188,23 @@ def update_step(
             if gradient_sums == "hypergradient"
             else ratio_sums(grads, momentums, previous_quotients)
         )
-    new_m, new_v = moments(momentums, velocities, grads, beta_1, beta_2)
+    in_place = applies_to_every_variable(grads, params, scalars, beta_1, beta_2)
+    new_m, new_v = moments(momentums, velocities, grads, beta_1, beta_2, in_place)
     sums = curvature_sums(new_m, new_v)
     sizes = torch.tensor([p.numel() for p in params], dtype=dtype)
     c, is_finite = replayed(_scale_and_check, epsilon=epsilon)(sums, sizes, scalars)
     quotients = step_quotient(new_m, new_v, c, scalars, epsilon)
     new_params = new_weight(
-        thetas, quotients, scalars, weight_decays, [p.dtype for p in params]
+        thetas, quotients, scalars, weight_decays, [p.dtype for p in params],
+        in_place,
     )
     predicted_sums = predicted_reduction_sums(new_m, new_v, quotients)
 
     states = momentums + velocities + params
     news = [*new_m, *new_v, *new_params]
-    if params[0].device.type == "cpu" and bool(is_finite.all()):
+    if in_place:
+        pass  # written already
+    elif params[0].device.type == "cpu" and bool(is_finite.all()):
         # The usual step: a plain copy. (A host check is free on CPU; on an
         # accelerator it would stall the queue, so `where` is used there.)
         torch._foreach_copy_(states, news)
@@ -197,6 +216,28 @@ def update_step(
         () if gradient_sums is None else sum_vectors,
     )
     return predicted, (None if gradient_sums is None else tuple(totals))
+
+
+def applies_to_every_variable(grads, params, scalars, beta_1, beta_2):
+    """Whether the skip rule will apply every variable's step, known up front.
+
+    Then `update_step` writes `m`, `v` and `theta` in place: no new arrays
+    and no copies, 3 full-size kernels of 16 fewer. On CPU (the checks are
+    host reads, free there) for variables of the compute dtype, when the
+    learning rate and every `sum(g**2)` are finite: every `g**2` is then
+    finite, so are `new_v` and the sums `c` needs (rescaled if they
+    overflow), and with `beta_1 <= beta_2`, `m**2 <= v * (1 - beta_1) / (1 -
+    beta_2)` elementwise bounds `c <= 1 + 1 / ((1 - beta_1) * (1 - beta_2))`:
+    finite. Otherwise (a NaN or inf gradient, a huge sum) the step is
+    computed aside and selected per variable.
+    """
+    return (
+        params[0].device.type == "cpu"
+        and beta_1 <= beta_2
+        and all(g.dtype == p.dtype for g, p in zip(grads, params))
+        and bool(torch.isfinite(scalars.learning_rate))
+        and bool(torch.isfinite(_dots(zip(grads, grads))).all())
+    )
 
 
 # The per-variable scalar maths of `SOAA.update_step` between the kernels,
