@@ -349,10 +349,17 @@ def time_apply(args):
                 "opt": [v.value for v in optimizer.variables],
                 "vars": [v.value for v in variables],
             }
-            fn = jax.jit(optimizer.stateless_apply, donate_argnums=(0, 2))
+            def apply(opt_values, grads, values, optimizer=optimizer):
+                # The state back in the order it went in, as in `fit`: see
+                # memory_passes.jax_apply_hlo (else XLA copies m, v, theta).
+                values, opt_values = optimizer.stateless_apply(
+                    opt_values, grads, values)
+                return opt_values, values
+
+            fn = jax.jit(apply, donate_argnums=(0, 2))
 
             def step(fn=fn, grads=grads, state=state):
-                state["vars"], state["opt"] = fn(state["opt"], grads,
+                state["opt"], state["vars"] = fn(state["opt"], grads,
                                                  state["vars"])
                 return state["vars"][0].block_until_ready()
             steps[name] = step
