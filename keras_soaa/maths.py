@@ -223,6 +223,21 @@ def is_finite_step(curvature_scale, sum_v_hat_eps, scalars: StepScalars):
     )
 
 
+def moments_are_finite(new_v, scalars: StepScalars):
+    """`is_finite_step` decided from `new_v` alone, where `beta_1 <= beta_2`.
+
+    True where every element of `new_v` and the learning rate are finite.
+    That is the spec's rule, known before the sums: a NaN or an infinity in
+    `g` or an overflowing `g**2` makes some `new_v` non-finite, and so the
+    sums; with every `new_v` finite the (rescaled) sums are finite, and
+    `beta_1 <= beta_2` gives `m**2 <= v * (1 - beta_1) / (1 - beta_2)`
+    elementwise, so `c <= 1 + 1 / ((1 - beta_1) * (1 - beta_2))`: finite.
+    """
+    return ops.logical_and(
+        ops.all(ops.isfinite(new_v)), ops.isfinite(scalars.learning_rate)
+    )
+
+
 def previous_step_quotient(m, v, scalars: StepScalars, epsilon):
     """Returns `q_prev = m / (sqrt(v / (1 - beta_2^(t-1))) + epsilon)`.
 

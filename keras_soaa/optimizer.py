@@ -555,6 +555,15 @@ class SOAA(keras.optimizers.Optimizer):
         old_theta = ops.convert_to_tensor(variable)
 
         new_m, new_v = maths.moments(m, v, gradient, self.beta_1, self.beta_2)
+        decided_by_moments = self.beta_1 <= self.beta_2
+        if decided_by_moments:
+            # The skip rule's decision, known before the sums: the new
+            # moments then go straight to their variables, with no array
+            # held back until the sums are done (XLA on CPU maps and faults
+            # in a fresh buffer for each such array, at every step).
+            is_finite = maths.moments_are_finite(new_v, scalars)
+            new_m = ops.where(is_finite, new_m, m)
+            new_v = ops.where(is_finite, new_v, v)
         sums = maths.curvature_sums(new_m, new_v)
         size = ops.cast(ops.size(new_v), dtype)
         c, sum_v_hat_eps = maths.curvature_scale(sums, size, scalars, self.epsilon)
@@ -566,13 +575,16 @@ class SOAA(keras.optimizers.Optimizer):
         predicted = maths.predicted_reduction(
             *maths.predicted_reduction_sums(new_m, new_v, quotient), scalars
         )
-        is_finite = maths.is_finite_step(c, sum_v_hat_eps, scalars)
+        if not decided_by_moments:
+            is_finite = maths.is_finite_step(c, sum_v_hat_eps, scalars)
+            new_m = ops.where(is_finite, new_m, m)
+            new_v = ops.where(is_finite, new_v, v)
         if self._gradient_sums is not None:
             # Before `m` and `v` are assigned: on torch that writes in place.
             self._add_gradient_sums(gradient, m, v, scalars, is_finite)
 
-        self.assign(m_variable, ops.where(is_finite, new_m, m))
-        self.assign(v_variable, ops.where(is_finite, new_v, v))
+        self.assign(m_variable, new_m)
+        self.assign(v_variable, new_v)
         self.assign(variable, ops.where(is_finite, new_theta, old_theta))
         self.assign_add(
             self._predicted_reduction, maths.finite_or_zero(predicted, is_finite)
