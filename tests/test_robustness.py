@@ -349,11 +349,25 @@ def initial_weights():
 @pytest.mark.parametrize("pattern", ["one", "all"])
 @pytest.mark.parametrize("bad", [NAN, INF, -INF, "mixed"])
 def test_non_finite_gradients_skip_exactly_those_variables(bad, pattern):
+    check_non_finite_gradients_skip_exactly_those_variables(bad, pattern)
+
+
+@pytest.mark.parametrize("bad", [NAN, INF])
+def test_non_finite_gradients_skip_when_beta_1_exceeds_beta_2(bad):
+    """With `beta_1 > beta_2` the step decides from the sums themselves
+    (`SOAA.update_step`), not from the new moments: the same skips."""
+    check_non_finite_gradients_skip_exactly_those_variables(
+        bad, "one", beta_1=0.9, beta_2=0.5
+    )
+
+
+def check_non_finite_gradients_skip_exactly_those_variables(bad, pattern, **betas):
+    hyper = dict(STREAM_HYPER, **betas)
     weights = initial_weights()
     variables = [keras.Variable(w) for w in weights]
-    optimizer = SOAA(**STREAM_HYPER)
+    optimizer = SOAA(**hyper)
     optimizer.build(variables)
-    reference = ReferenceSOAA(weights, **STREAM_HYPER)
+    reference = ReferenceSOAA(weights, **hyper)
     ratios = [0.5, 2.0, -1.0, 1.0, 30.0]
     for step in range(1, 11):
         grads = clean_gradients(step)
