@@ -85,9 +85,9 @@ class CompiledCache:
 class TorchTrace:
     """`compute` on torch, replayed as the graph of torch ops it ran once.
 
-    Run op by op, each `keras.ops` call converts and checks its inputs: the
-    callback's hand-over costs ~0.45 ms a batch that way and ~0.08 ms
-    replayed (`benchmarks/speed.py --models small`). The first call with
+    Run op by op, each `keras.ops` call converts and checks its inputs, which
+    costs more than the arithmetic of a few scalars (README, "Performance":
+    the callback's hand-over takes half the time replayed). The first call with
     inputs of given shapes and dtypes records the graph with
     `torch.jit.trace`, which fits a pure function that branches on no
     value (its conditions are `where`s); `torch.compile` would cost seconds

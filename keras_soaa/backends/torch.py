@@ -12,7 +12,9 @@ tests/test_fast_paths.py checks that both paths give the same numbers.
 
 On CPU a foreach call is a loop of per-tensor kernels and every new array is
 freshly mapped memory: the sums are BLAS dot products and most kernels write
-in place.
+in place, and where the skip rule will apply every variable's step (known
+from `sum(g**2)`, `applies_to_every_variable`: torch's counterpart of
+`maths.moments_are_finite`) m, v and the weights are updated in place too.
 """
 
 import functools
@@ -221,8 +223,8 @@ def update_step(
 def applies_to_every_variable(grads, params, scalars, beta_1, beta_2):
     """Whether the skip rule will apply every variable's step, known up front.
 
-    Then `update_step` writes `m`, `v` and `theta` in place: no new arrays
-    and no copies, 3 full-size kernels of 16 fewer. On CPU (the checks are
+    Then `update_step` writes `m`, `v` and `theta` in place: no new arrays,
+    and a read of `g` instead of a copy of all three. On CPU (the checks are
     host reads, free there) for variables of the compute dtype, when the
     learning rate and every `sum(g**2)` are finite: every `g**2` is then
     finite, so are `new_v` and the sums `c` needs (rescaled if they
