@@ -130,7 +130,8 @@ class TorchTrace:
 
         def flat_compute(*values):
             outputs = self._compute(*_pack(args, iter(values)))
-            structure.append(outputs)
+            if not structure:
+                structure.append(outputs)
             return tuple(_flatten(outputs))
 
         with warnings.catch_warnings():
@@ -139,6 +140,8 @@ class TorchTrace:
             # which they are meant to be.
             warnings.simplefilter("ignore")
             traced = torch.jit.trace(flat_compute, flat, check_trace=False)
+        if not structure:  # PYTORCH_JIT=0: `trace` hands `flat_compute` back
+            flat_compute(*flat)
         return traced, structure[0]
 
 
