@@ -16,6 +16,9 @@ predicted = predicted_reduction(*predicted_reduction_sums(new_m, new_v, q), scal
 ok        = is_finite_step(c, sum_v_hat_eps, scalars)
 ```
 
+(with `beta_1 <= beta_2`, `ok = moments_are_finite(new_v, scalars)` right
+after `moments`: the same decision, known before the sums)
+
 and, for the gradient-driven controllers, `hypergradient_sums(g, q_prev)`
 or `ratio_sums(g, m, q_prev)` with `q_prev = previous_step_quotient(m, v,
 scalars, epsilon)`, from the old moments.
