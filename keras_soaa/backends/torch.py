@@ -202,17 +202,16 @@ def update_step(
     )
     predicted_sums = predicted_reduction_sums(new_m, new_v, quotients)
 
-    states = momentums + velocities + params
-    news = [*new_m, *new_v, *new_params]
-    if in_place:
-        pass  # written already
-    elif params[0].device.type == "cpu" and bool(is_finite.all()):
-        # The usual step: a plain copy. (A host check is free on CPU; on an
-        # accelerator it would stall the queue, so `where` is used there.)
-        torch._foreach_copy_(states, news)
-    else:
-        for ok, state, new in zip(is_finite.unbind() * 3, states, news):
-            torch.where(ok, new, state, out=state)
+    if not in_place:  # computed aside: write what the skip rule keeps
+        states = momentums + velocities + params
+        news = [*new_m, *new_v, *new_params]
+        if params[0].device.type == "cpu" and bool(is_finite.all()):
+            # Every step applied: a plain copy. (A host check is free on CPU;
+            # on an accelerator it would stall the queue: `where` there.)
+            torch._foreach_copy_(states, news)
+        else:
+            for ok, state, new in zip(is_finite.unbind() * 3, states, news):
+                torch.where(ok, new, state, out=state)
     predicted, *totals = replayed(_applied_totals)(
         predicted_sums, scalars, is_finite,
         () if gradient_sums is None else sum_vectors,
