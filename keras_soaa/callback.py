@@ -313,8 +313,8 @@ class TrustRegionCallback(keras.callbacks.Callback):
     no transfer, and on JAX Keras need not wait for each step before
     starting the next.
     Elsewhere (torch, `steps_per_execution > 1`, TF strategies,
-    `run_eagerly`) it runs after the batch, in one compiled call (on torch,
-    eagerly) whose one device-to-host transfer is a small report (whether a
+    `run_eagerly`) it runs after the batch, in one compiled call (on torch, a
+    replayed trace) whose one device-to-host transfer is a small report (whether a
     loss was observed, the loss, the new controller state) from which the
     radius is logged.
 
