@@ -2,7 +2,8 @@
 
     python tests/run_all_backends.py [pytest args...]
 
-Runs `ruff check`, then `pytest` with `KERAS_BACKEND` set to tensorflow, jax
+Runs `ruff check`, then `tests/check_wheel.py` (the built wheel installs and
+trains on every backend), then `pytest` with `KERAS_BACKEND` set to tensorflow, jax
 and torch in turn, and ends with one summary line. Exits non-zero if the lint
 or any backend fails (or runs no test).
 """
@@ -29,6 +30,12 @@ def main(pytest_args):
     )
     if lint.returncode != 0:
         print("ruff check failed")
+        return 1
+    wheel = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "check_wheel.py")], cwd=ROOT
+    )
+    if wheel.returncode != 0:
+        print("wheel check failed")
         return 1
     passed = failed = 0
     failing = []
