@@ -1,11 +1,19 @@
 """Every use of Keras internals in keras-soaa, each with why it is needed.
 
-Checked against Keras 3.15.1 (`pyproject.toml` pins `keras>=3.15,<4`); the
-test suite exercises each of them on TensorFlow, JAX and torch. Besides
-these, `SOAA` overrides two hooks of `keras.optimizers.Optimizer`, as
-Keras' own optimizers do: `_backend_update_step` (the fused torch path and
-eager TF's XLA step) and `_apply_weight_decay` (decay inside the step, so a
-skipped step skips it too).
+Each was checked against Keras 3.15.1 (`pyproject.toml` pins
+`keras>=3.15,<4`); the test suite exercises each of them on TensorFlow, JAX
+and torch. Besides the functions here, keras-soaa overrides hooks that
+Keras' own optimizers and callbacks override too:
+
+- `SOAA._backend_update_step`: the backend's update path
+  (`keras_soaa.backends.update_variables`).
+- `SOAA._apply_weight_decay`: a no-op; the decay is applied inside the
+  step, so that a skipped step skips it too.
+- `TrustRegionCallback.async_safe`: lets JAX's `fit` run batch ends off its
+  thread (Keras 3.15 reads this property of its callbacks).
+- `TrustRegionCallback.on_epoch_end` writes the controller state again on
+  JAX: Keras 3.15's JAX `fit` ends an epoch of unknown length by attaching
+  the state it held before the last batch's callbacks.
 """
 
 import keras
@@ -18,11 +26,15 @@ __all__ = [
     "callback_model",
     "in_stateless_scope",
     "loss_tracker",
+    "overwritten_with_gradient",
     "own_train_function",
     "replace_loss_tracker",
     "sync_trainer_state",
     "train_function_around",
     "trained_variables_of",
+    "update_each_variable",
+    "uses_weight_decay",
+    "variable_index",
     "variable_layout",
 ]
 
@@ -131,13 +143,13 @@ def _jax_state_mapping(model, state):
 
 
 class HookedTrainFunction:
-    """`model.train_function` during one `fit`: the hooked one when armed.
+    """`model.train_function` during one `fit`: the hooked one when asked.
 
     Keras' `fit` calls `model.train_function` once per batch (TF:
     `logs = f(iterator)`, JAX: `logs, state = f(state, iterator)`). Set
-    `armed` before each call: the call then runs `function` (from
+    `run_hooked_next` before each call: the call then runs `function` (from
     `train_function_around`), takes the value at `key` out of its logs into
-    `output`, and disarms. Unarmed, it runs the model's own train function:
+    `output`, and resets the flag. Otherwise it runs the model's own train function:
     a wrapper left behind by a `fit` that raised does nothing in later
     calls.
     """
@@ -146,13 +158,13 @@ class HookedTrainFunction:
         self.own = own_train_function(model)
         self.function = function
         self.key = key
-        self.armed = False
+        self.run_hooked_next = False
         self.output = None
         model.train_function = self
 
     def __call__(self, *args):
-        armed, self.armed = self.armed, False
-        if not armed:
+        hooked, self.run_hooked_next = self.run_hooked_next, False
+        if not hooked:
             return self.own(*args)
         outputs = self.function(*args)
         logs = outputs[0] if isinstance(outputs, tuple) else outputs
@@ -161,7 +173,7 @@ class HookedTrainFunction:
 
     def remove(self, model):
         """Puts `model`'s own train function back (if still wrapped)."""
-        self.armed = False
+        self.run_hooked_next = False
         if model.train_function is self:
             model.train_function = self.own
 
@@ -202,3 +214,28 @@ def variable_layout(variable):
     `Optimizer.add_variable_from_reference`).
     """
     return getattr(variable, "_layout", None)
+
+
+def update_each_variable(optimizer, grads, variables, learning_rate):
+    """Keras' own `_backend_update_step`: `update_step` per variable.
+
+    On TensorFlow it also merges the replicas' calls under a strategy.
+    """
+    keras.optimizers.Optimizer._backend_update_step(
+        optimizer, grads, variables, learning_rate
+    )
+
+
+def variable_index(optimizer, variable):
+    """`variable`'s position in the built list, which indexes its slots."""
+    return optimizer._get_variable_index(variable)
+
+
+def overwritten_with_gradient(optimizer, variable):
+    """Whether Keras assigns `variable` its "gradient" (float8 scales): no slots."""
+    return optimizer._overwrite_variable_with_gradient(variable)
+
+
+def uses_weight_decay(optimizer, variable):
+    """Whether `weight_decay` applies (honours `exclude_from_weight_decay`)."""
+    return optimizer._use_weight_decay(variable)

@@ -10,8 +10,8 @@ from keras import ops
 
 from keras_soaa import _keras_internals as internals
 from keras_soaa.compile import CompiledCache, compile_state_update, read_value
+from keras_soaa.controllers import TrustRegionState
 from keras_soaa.optimizer import SOAA
-from keras_soaa.trust_region import TrustRegionState
 
 
 def find_soaa(optimizer) -> SOAA:
@@ -42,24 +42,15 @@ class BatchLossMean(keras.metrics.Mean):
     and cleared them, and `pending_total` and `pending_count`, those it read
     but could not hand over yet (batches that applied no step). The callback
     reads the batch loss from these, not from the epoch's running total: in
-    float32 that total loses the low digits of a late, small batch loss (off
-    by 14% after 400 batches of a falling loss).
+    float32 that total loses the low digits of a late, small batch loss.
     """
 
     def __init__(self, name="loss", dtype=None):
         super().__init__(name=name, dtype=dtype)
-        self.unread_total = self.add_variable(
-            shape=(), initializer="zeros", dtype=self.dtype, name="unread_total"
-        )
-        self.unread_count = self.add_variable(
-            shape=(), initializer="zeros", dtype=self.dtype, name="unread_count"
-        )
-        self.pending_total = self.add_variable(
-            shape=(), initializer="zeros", dtype=self.dtype, name="pending_total"
-        )
-        self.pending_count = self.add_variable(
-            shape=(), initializer="zeros", dtype=self.dtype, name="pending_count"
-        )
+        for name in ("unread_total", "unread_count", "pending_total",
+                     "pending_count"):
+            setattr(self, name, self.add_variable(
+                shape=(), initializer="zeros", dtype=self.dtype, name=name))
         # The `TrustRegionCallback` hand-over that reads and clears them.
         self.hand_over = None
 
@@ -172,18 +163,18 @@ class _LossHandOver:
 
     def __call__(self) -> HandOverReport:
         """Hands the unread loss over; returns the batch's report."""
-        controller = self.optimizer.controller()
+        observer = self.optimizer.loss_observer()
         run = self._compiled.get(
-            controller,
+            observer,
             lambda: compile_state_update(
                 self._inputs,
-                lambda *inputs: hand_over_loss(*inputs, observe=controller),
+                lambda *inputs: hand_over_loss(*inputs, observe=observer),
                 self._assign,
             ),
         )
         return HandOverReport.from_vector(ops.convert_to_numpy(run()))
 
-    def in_step(self, iterations_before, controller):
+    def in_step(self, iterations_before, observer):
         """`__call__` inside the train step, right after it (uncompiled).
 
         For `internals.train_function_around` (see `_hands_over_in_step`):
@@ -194,7 +185,7 @@ class _LossHandOver:
         state, _, pending, unread, report = hand_over_loss(
             self.optimizer.trust_region_state(),
             read_value(self.optimizer.iterations), iterations_before,
-            *self._tracked_sums(), observe=controller,
+            *self._tracked_sums(), observe=observer,
         )
         self._assign_tracked(state, pending, unread)
         return {REPORT_LOG: report, "radius": state.radius}
@@ -202,16 +193,16 @@ class _LossHandOver:
     def train_function(self, model):
         """`model`'s train function with `in_step` after each step.
 
-        Built once per model train function and controller, so that
+        Built once per model train function and loss observer, so that
         later `fit`s reuse its compiled program.
         """
         own = internals.own_train_function(model)
-        controller = self.optimizer.controller()
-        if self._in_step_function[:2] != (own, controller):
-            # The controller it is cached for is the one it compiles.
-            self._in_step_function = (own, controller, internals.train_function_around(
+        observer = self.optimizer.loss_observer()
+        if self._in_step_function[:2] != (own, observer):
+            # The observer it is cached for is the one it compiles.
+            self._in_step_function = (own, observer, internals.train_function_around(
                 model, lambda: read_value(self.optimizer.iterations),
-                lambda iterations_before: self.in_step(iterations_before, controller),
+                lambda iterations_before: self.in_step(iterations_before, observer),
             ))
         return self._in_step_function[2]
 
@@ -251,16 +242,11 @@ class _LossHandOver:
 def _hands_over_in_step(model) -> bool:
     """Whether `fit` can run the hand-over inside its compiled train step.
 
-    Where `fit` runs one train step per execution (with more, the
-    callback hands over their mean, after the batch) and the backend
-    compiles the step (JAX, also under a `keras.distribution`, where the
-    hand-over's outputs join the step's sharded state; TensorFlow without a
-    strategy, whose replica context would read per-replica loss sums).
-    Right after a train step the hand-over sees what it would see after
-    the batch: this batch's loss, and the loss of earlier batches that
-    applied no step (a `LossScaleOptimizer` skip, gradient accumulation).
-    Elsewhere the callback hands over after the batch, in a call of its
-    own.
+    Where `fit` runs one train step per execution and the backend compiles
+    it: JAX (also under a `keras.distribution`: the hand-over's outputs join
+    the sharded state) and TensorFlow without a strategy (a replica context
+    would read per-replica loss sums). Right after the step the hand-over
+    sees what it would see after the batch.
     """
     backend = keras.backend.backend()
     if (
@@ -304,19 +290,10 @@ class TrustRegionCallback(keras.callbacks.Callback):
     size as `fit` reports it, to the controller. With `steps_per_execution >
     1` that is their weighted mean.
 
-    The hand-over runs on the device: the loss never travels to the host
-    and back. Where `fit` runs one train step per execution and the backend
-    compiles the step (JAX, also under a `keras.distribution`; TensorFlow
-    without a `tf.distribute` strategy), it runs inside the train step,
-    right after it (see `internals.train_function_around`), and the step's
-    logs carry the new radius: a batch then costs the callback no call and
-    no transfer, and on JAX Keras need not wait for each step before
-    starting the next.
-    Elsewhere (torch, `steps_per_execution > 1`, TF strategies,
-    `run_eagerly`) it runs after the batch, in one compiled call (on torch, a
-    replayed trace) whose one device-to-host transfer is a small report (whether a
-    loss was observed, the loss, the new controller state) from which the
-    radius is logged.
+    The hand-over runs on the device: inside the compiled train step where
+    `fit` runs one step per execution on JAX or on TensorFlow without a
+    strategy (no call and no transfer per batch), else after the batch in
+    one compiled call that returns a small report (`last_report`).
 
     A loss is observed once the optimizer has taken a step since the previous
     observation. Batches that moved no weights (a step skipped by
@@ -376,10 +353,9 @@ class TrustRegionCallback(keras.callbacks.Callback):
                 )
         if (
             self._optimizer.total_steps is None
-            and self._optimizer.controller_name == "paper"
+            and self._optimizer.controller.needs_total_steps
         ):
-            # Refuse before the first step rather than at the first loss
-            # (only the paper controller's bounds need `total_steps`).
+            # Refuse before the first step rather than at the first loss.
             raise ValueError(
                 "`TrustRegionCallback` cannot set SOAA's `total_steps`: `fit` "
                 "does not know the number of steps per epoch (e.g. a "
@@ -409,7 +385,7 @@ class TrustRegionCallback(keras.callbacks.Callback):
         # it still owes one (else `None`), the batch ended last (indices
         # within the epoch), and the thread `fit` runs on (Keras may run
         # batch ends on another, see `async_safe`).
-        self._owed = self._ended = None
+        self._owing_batch = self._ended = None
         self._fit_thread = threading.get_ident()
 
     @property
@@ -432,11 +408,11 @@ class TrustRegionCallback(keras.callbacks.Callback):
     def on_train_batch_begin(self, batch, logs=None):
         """Arms the in-step hand-over, or runs the one the last batch owes."""
         if self._in_step is not None:
-            self._in_step.armed = True
+            self._in_step.run_hooked_next = True
             return
-        if self._owed is not None:  # its step ran: this batch began
+        if self._owing_batch is not None:  # its step ran: this batch began
             self._hand_over_after_batch()
-        self._owed = batch
+        self._owing_batch = batch
 
     def on_train_batch_end(self, batch, logs=None):
         """Observes the loss of the batch(es) trained since the last step.
@@ -455,7 +431,7 @@ class TrustRegionCallback(keras.callbacks.Callback):
             logs["radius"] = self._report.state.radius
 
     def _hand_over_after_batch(self):
-        self._owed = None
+        self._owing_batch = None
         # Not `self.model`, which on JAX syncs every variable already.
         internals.sync_trainer_state(internals.callback_model(self))
         self._report = self._hand_over()
@@ -484,11 +460,11 @@ class TrustRegionCallback(keras.callbacks.Callback):
         # epoch of unknown length ends in a batch that finds no data). Batch
         # indices count within the epoch; an execution of several steps
         # begins at its first and ends at its last.
-        if self._owed is not None and self._ended is not None and (
-            self._ended >= self._owed
+        if self._owing_batch is not None and self._ended is not None and (
+            self._ended >= self._owing_batch
         ):
             self._hand_over_after_batch()
-        self._owed = self._ended = None
+        self._owing_batch = self._ended = None
         report = self.last_report
         if keras.backend.backend() == "jax" and report is not None and report.observed:
             # Keras 3.15's JAX `fit` ends an epoch of unknown length by

@@ -62,7 +62,7 @@ def compile_state_update(read, compute, write, *, jit_compile=False):
 
 def _as_function(compute):
     # `jax.jit` wants a plain function (it keeps weak references to it): a
-    # callable tuple such as `trust_region.PaperController` is not one.
+    # callable tuple such as `controllers.Observer` is not one.
     def function(*args):
         return compute(*args)
 
@@ -86,8 +86,7 @@ class TorchTrace:
     """`compute` on torch, replayed as the graph of torch ops it ran once.
 
     Run op by op, each `keras.ops` call converts and checks its inputs, which
-    costs more than the arithmetic of a few scalars (README, "Performance":
-    the callback's hand-over takes half the time replayed). The first call with
+    costs more than the arithmetic of a few scalars. The first call with
     inputs of given shapes and dtypes records the graph with
     `torch.jit.trace`, which fits a pure function that branches on no
     value (its conditions are `where`s); `torch.compile` would cost seconds

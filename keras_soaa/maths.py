@@ -1,27 +1,21 @@
 """SOAA's arithmetic: pure `keras.ops` functions, one per quantity of the spec.
 
-The leaf of the package: it imports nothing from `keras_soaa`, and the rest
-imports it (the controllers in `trust_region.py` take `bias_correction`).
-The optimizer's `update_step` and the backend fast paths
-(`keras_soaa/backends/`) compute a step through it, in this order:
+The leaf of the package: it imports nothing from `keras_soaa`. `SOAA.update_step`
+and the backend fast paths compute a step through it, in this order:
 
 ```
 scalars   = step_scalars(...)                     # eta, 1 - beta^t, d
 new_m, new_v = moments(m, v, g, beta_1, beta_2)
 sums      = curvature_sums(new_m, new_v)           # sum(m^2), sum(v)
 c, sum_v_hat_eps = curvature_scale(sums, n, scalars, epsilon)
-q         = step_quotient(new_m, new_v, c, scalars, epsilon)
+q         = step_direction(new_m, new_v, c, scalars, epsilon)
 theta     = new_weight(theta, q, scalars, weight_decay, dtype)
 predicted = predicted_reduction(*predicted_reduction_sums(new_m, new_v, q), scalars)
 ok        = is_finite_step(c, sum_v_hat_eps, scalars)
 ```
 
 (with `beta_1 <= beta_2`, `ok = moments_are_finite(new_v, scalars)` right
-after `moments`: the same decision, known before the sums)
-
-and, for the gradient-driven controllers, `hypergradient_sums(g, q_prev)`
-or `ratio_sums(g, m, q_prev)` with `q_prev = previous_step_quotient(m, v,
-scalars, epsilon)`, from the old moments.
+after `moments`: the same decision, known before the sums).
 
 The bias corrections are folded into scalars (`m_hat`, `v_hat` and `u` are
 never made as arrays): with `q = new_m / (r + epsilon)` and `a = d / (1 -
@@ -142,7 +136,7 @@ def curvature_scale(sums: CurvatureSums, size, scalars: StepScalars, epsilon):
     return c, sum_v_hat_eps
 
 
-def step_quotient(new_m, new_v, curvature_scale, scalars: StepScalars, epsilon):
+def step_direction(new_m, new_v, curvature_scale, scalars: StepScalars, epsilon):
     """Returns `q = new_m / (r + epsilon)`, `r = max(d * c * v_hat, sqrt(v_hat))`.
 
     The step is `u = a * q` with `a = d / (1 - beta_1^t)`. The maximum is a
@@ -159,7 +153,7 @@ def step_quotient(new_m, new_v, curvature_scale, scalars: StepScalars, epsilon):
     return ops.divide(new_m, ops.add(denominator, epsilon))
 
 
-def new_weight(theta, quotient, scalars: StepScalars, weight_decay, dtype):
+def new_weight(theta, direction, scalars: StepScalars, weight_decay, dtype):
     """Returns `theta - eta * weight_decay * theta - eta * u` in `dtype`.
 
     `weight_decay` is `None` for a variable that is not decayed. A 16-bit
@@ -170,22 +164,22 @@ def new_weight(theta, quotient, scalars: StepScalars, weight_decay, dtype):
     if weight_decay is not None:
         theta = ops.subtract(theta, theta * ops.cast(weight_decay, theta.dtype) * lr)
     step_scale = scalars.radius / scalars.beta_1_correction  # a
-    new_theta = ops.subtract(theta, ops.multiply(quotient, lr * step_scale))
+    new_theta = ops.subtract(theta, ops.multiply(direction, lr * step_scale))
     largest = LARGEST_FINITE.get(keras.backend.standardize_dtype(dtype))
     if largest is not None:
         new_theta = ops.clip(new_theta, -largest, largest)
     return ops.cast(new_theta, dtype)
 
 
-def predicted_reduction_sums(new_m, new_v, quotient):
+def predicted_reduction_sums(new_m, new_v, direction):
     """Returns `(sum(new_m * q), sum(new_v * q * q))` of one variable.
 
     `new_v * q` first: `q**2` underflows float32 when `v` is huge (|g| ~
     1e19 gives q ~ 1e-20), while `|new_v * q| <= |new_m| * b2c / d`.
     """
     return (
-        ops.sum(ops.multiply(new_m, quotient)),
-        ops.sum(ops.multiply(ops.multiply(new_v, quotient), quotient)),
+        ops.sum(ops.multiply(new_m, direction)),
+        ops.sum(ops.multiply(ops.multiply(new_v, direction), direction)),
     )
 
 
@@ -241,7 +235,7 @@ def moments_are_finite(new_v, scalars: StepScalars):
     )
 
 
-def previous_step_quotient(m, v, scalars: StepScalars, epsilon):
+def previous_direction(m, v, scalars: StepScalars, epsilon):
     """Returns `q_prev = m / (sqrt(v / (1 - beta_2^(t-1))) + epsilon)`.
 
     From the moments before this step's update: the previous step's Adam
@@ -251,32 +245,6 @@ def previous_step_quotient(m, v, scalars: StepScalars, epsilon):
     """
     scale = ops.rsqrt(scalars.previous_beta_2_correction)
     return ops.divide(m, ops.add(ops.multiply(ops.sqrt(v), scale), epsilon))
-
-
-def hypergradient_sums(gradient, previous_quotient):
-    """Returns `(sum(g * q_prev), sum(g**2), sum(q_prev**2))` of one variable.
-
-    The hypergradient controller's inputs: the cosine between this step's
-    gradient and the previous step's direction, summed over variables.
-    """
-    return (
-        ops.sum(ops.multiply(gradient, previous_quotient)),
-        ops.sum(ops.square(gradient)),
-        ops.sum(ops.square(previous_quotient)),
-    )
-
-
-def ratio_sums(gradient, m, previous_quotient):
-    """Returns `(sum(g * q_prev), sum(m * q_prev))` of one variable.
-
-    The gradient-ratio controller's inputs: the previous step's reduction as
-    this step's gradient sees it, and as its own momentum predicted it (`m`
-    is the momentum before this step's update).
-    """
-    return (
-        ops.sum(ops.multiply(gradient, previous_quotient)),
-        ops.sum(ops.multiply(m, previous_quotient)),
-    )
 
 
 def finite_or_zero(value, is_finite):

@@ -1,4 +1,7 @@
-"""Argument checks of `SOAA`: each bad value gets a `ValueError` naming it."""
+"""Checks of `SOAA`'s arguments and state, each failing with a clear message.
+
+A bad argument gets a `ValueError` naming it.
+"""
 
 import math
 import numbers
@@ -54,6 +57,10 @@ def validate_hyperparameters(
     total_steps,
     initial_radius,
     weight_decay,
+    radius_learning_rate,
+    min_radius,
+    max_radius,
+    fused,
 ):
     """Raises `ValueError` naming the first invalid constructor argument."""
     inf = math.inf
@@ -101,6 +108,26 @@ def validate_hyperparameters(
             "weight_decay", weight_decay, 0.0, inf,
             low_open=False, high_open=True, rule=">= 0 (finite) or `None`",
         )
+    for name, value, low, low_open, rule in (
+        ("radius_learning_rate", radius_learning_rate, 0.0, False, ">= 0"),
+        ("min_radius", min_radius, 0.0, True, "> 0"),
+        ("max_radius", max_radius, float(min_radius), False, ">= min_radius"),
+    ):
+        _check_real(name, value, low, inf, low_open=low_open, high_open=True,
+                    rule=f"{rule} (finite)")
+    if fused not in (None, False):
+        raise ValueError(
+            "Argument `fused` must be `None` (the backend's fast path where "
+            f"it has one) or `False` (the portable step). Received: fused={fused!r}"
+        )
+
+
+def as_base_learning_rate(learning_rate):
+    """A real `learning_rate` as a Python float, which the base class takes.
+
+    An int or a NumPy scalar is just as clear; schedules and callables pass.
+    """
+    return float(learning_rate) if is_real_number(learning_rate) else learning_rate
 
 
 def loss_as_float32_scalar(loss):
@@ -135,36 +162,57 @@ def loss_as_float32_scalar(loss):
     return ops.cast(tensor, "float32")
 
 
-CONTROLLERS = ("paper", "hypergradient", "gradient_ratio")
+def no_loss_observed_message(optimizer):
+    """The warning of an optimizer whose radius will never see a loss."""
+    return (
+        f"SOAA optimizer '{optimizer.name}' is applying steps but no loss is "
+        "fed to its trust region, so its radius stays at "
+        f"initial_radius={optimizer.initial_radius} and never adapts. With "
+        "`model.fit`, pass `callbacks=[keras_soaa.TrustRegionCallback()]`; in "
+        "a custom training loop, pass `SOAA(total_steps=...)` and call "
+        "`optimizer.observe_loss(loss)` after each `apply`."
+    )
 
 
-def validate_controller(
-    controller, radius_learning_rate, min_radius, max_radius, initial_radius
-):
-    """Raises `ValueError` naming the first invalid controller argument."""
-    if controller not in CONTROLLERS:
-        names = ", ".join(map(repr, CONTROLLERS))
+def require_ready_to_observe(optimizer):
+    """Raises `ValueError` unless `optimizer.observe_loss` can run now."""
+    if not optimizer.built:
         raise ValueError(
-            f"Argument `controller` must be one of {names}. "
-            f"Received: controller={controller!r}"
+            "`observe_loss` was called before the optimizer was built: apply "
+            "at least one step (or call `optimizer.build(variables)`) first."
         )
-    inf = math.inf
-    _check_real(
-        "radius_learning_rate", radius_learning_rate, 0.0, inf,
-        low_open=False, high_open=True, rule=">= 0 (finite)",
-    )
-    _check_real(
-        "min_radius", min_radius, 0.0, inf,
-        low_open=True, high_open=True, rule="> 0 (finite)",
-    )
-    _check_real(
-        "max_radius", max_radius, float(min_radius), inf,
-        low_open=False, high_open=True, rule=">= min_radius (finite)",
-    )
-    if controller != "paper" and not min_radius <= initial_radius <= max_radius:
+    if optimizer.total_steps is None and optimizer.controller.needs_total_steps:
         raise ValueError(
-            "Argument `initial_radius` must lie in [min_radius, max_radius] "
-            f"with controller={controller!r}. Received: "
-            f"initial_radius={initial_radius!r}, min_radius={min_radius!r}, "
-            f"max_radius={max_radius!r}"
+            "SOAA needs `total_steps` to schedule its radius bounds. Pass "
+            "`SOAA(total_steps=...)` (the number of optimizer steps of the "
+            "run), or train with `model.fit(..., "
+            "callbacks=[keras_soaa.TrustRegionCallback()])`, which sets it "
+            "from the epochs and steps per epoch."
+        )
+
+
+def require_same_state_size(optimizer, saved: int):
+    """Raises `ValueError` if a saved state has another number of variables.
+
+    Keras would only warn and keep the fresh state: a resumed run would
+    silently restart the trust region.
+    """
+    if saved != len(optimizer.variables):
+        raise ValueError(
+            f"Cannot restore SOAA optimizer '{optimizer.name}': the saved "
+            f"state has {saved} variables, this optimizer has "
+            f"{len(optimizer.variables)} (state layout version "
+            f"{optimizer.controller.state_layout_version}). Was it saved with "
+            "other options (e.g. `use_ema`, `gradient_accumulation_steps`, "
+            "another controller) or another version of keras-soaa?"
+        )
+
+
+def require_readable_layout(version: int, newest: int):
+    """Raises `ValueError` for a state layout newer than this keras-soaa's."""
+    if version > newest:
+        raise ValueError(
+            f"This SOAA config has state layout version {version}, but this "
+            f"keras-soaa reads up to version {newest}: it was saved by a "
+            "newer keras-soaa. Upgrade keras-soaa to load it."
         )

@@ -8,7 +8,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from keras_soaa.optimizer import SCALAR_STATE_NAMES  # noqa: E402
+from keras_soaa.controllers import TrustRegionState  # noqa: E402
 
 BACKEND = keras.backend.backend()
 
@@ -27,7 +27,7 @@ def to_numpy(x):
 def scalars_of(optimizer):
     """The five scalar state values of a SOAA optimizer, in the spec's order."""
     return np.array(
-        [float(to_numpy(getattr(optimizer, name))) for name in SCALAR_STATE_NAMES]
+        [float(to_numpy(getattr(optimizer, name))) for name in TrustRegionState._fields]
     )
 
 

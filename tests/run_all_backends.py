@@ -3,15 +3,19 @@
     python tests/run_all_backends.py [pytest args...]
 
 Runs `ruff check`, then `tests/check_wheel.py` (the built wheel installs and
-trains on every backend), then `pytest` with `KERAS_BACKEND` set to tensorflow, jax
-and torch in turn, and ends with one summary line. Exits non-zero if the lint
-or any backend fails (or runs no test).
+trains on every backend), then `mkdocs build --strict` (the documentation site
+in docs/ builds with no broken link, anchor or API reference; the site goes to
+a temporary directory, not the repository), then `pytest` with `KERAS_BACKEND`
+set to tensorflow, jax and torch in turn, and ends with one summary line. Exits
+non-zero if the lint, the wheel check, the docs build or any backend fails (or
+runs no test).
 """
 
 import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +40,15 @@ def main(pytest_args):
     )
     if wheel.returncode != 0:
         print("wheel check failed")
+        return 1
+    with tempfile.TemporaryDirectory(prefix="keras-soaa-site-") as site_dir:
+        docs = subprocess.run(
+            [sys.executable, "-m", "mkdocs", "build", "--strict",
+             "--site-dir", site_dir],
+            cwd=ROOT, env=dict(os.environ, NO_MKDOCS_2_WARNING="1"),
+        )
+    if docs.returncode != 0:
+        print("mkdocs build failed")
         return 1
     passed = failed = 0
     failing = []

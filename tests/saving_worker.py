@@ -37,7 +37,7 @@ from fed_losses import FedLossRecorder  # noqa: E402
 
 from keras_soaa import SOAA  # noqa: E402
 from keras_soaa.callback import find_soaa  # noqa: E402
-from keras_soaa.optimizer import SCALAR_STATE_NAMES  # noqa: E402
+from keras_soaa.controllers import TrustRegionState  # noqa: E402
 
 BATCH_SIZE = 16
 NUM_SAMPLES = 64  # 4 batches of 16 per epoch
@@ -119,7 +119,7 @@ def scalar_state(model):
     """The five trust-region scalars of the model's SOAA, by name."""
     soaa = find_soaa(model.optimizer)
     return {
-        name: float(to_numpy(getattr(soaa, name))) for name in SCALAR_STATE_NAMES
+        name: float(to_numpy(getattr(soaa, name))) for name in TrustRegionState._fields
     }
 
 

@@ -10,25 +10,26 @@ import numpy as np
 import pytest
 from conftest import BACKEND
 
-from keras_soaa import SOAA, TrustRegionCallback, trust_region
+from keras_soaa import SOAA, TrustRegionCallback
+from keras_soaa.controllers import PaperController
 
 
 @pytest.fixture
 def calls(monkeypatch):
     """Counts the calls of `SOAA.update_step` and of the controller."""
     counts = {"update_step": 0, "observe": 0}
-    update_step, observe = SOAA.update_step, trust_region.observe
+    update_step, observe = SOAA.update_step, PaperController.observe
 
     def counted_update_step(self, *args, **kwargs):
         counts["update_step"] += 1
         return update_step(self, *args, **kwargs)
 
-    def counted_observe(*args, **kwargs):
+    def counted_observe(self, *args, **kwargs):
         counts["observe"] += 1
-        return observe(*args, **kwargs)
+        return observe(self, *args, **kwargs)
 
     monkeypatch.setattr(SOAA, "update_step", counted_update_step)
-    monkeypatch.setattr(trust_region, "observe", counted_observe)
+    monkeypatch.setattr(PaperController, "observe", counted_observe)
     return counts
 
 

@@ -10,12 +10,13 @@ import keras
 import numpy as np
 import pytest
 from conftest import compiled_apply, scalars_of, to_numpy
+from custom_controller import SignController
 from keras import ops
 from soaa_reference import ReferenceSOAA
 from test_optimizer import make_problem
 
+import keras_soaa
 from keras_soaa import SOAA, TrustRegionCallback
-from keras_soaa.optimizer import GRADIENT_CONTROLLER_VARIABLES
 
 HYPER = dict(
     learning_rate=0.01, beta_1=0.8, beta_2=0.95, weight_decay=0.05,
@@ -96,14 +97,13 @@ def test_gradient_controller_matches_reference(mode, controller):
         scalars_of(optimizer), reference.scalars(), rtol=2e-5, atol=1e-7
     )
     # The per-step sums are consumed by the step that made them.
-    sum_names, average_names = GRADIENT_CONTROLLER_VARIABLES[controller]
-    for name in sum_names:
-        total = next(v for v in optimizer.variables if v.name == name)
+    state = optimizer.controller_state()
+    sum_count = len(optimizer.controller.sums)
+    for total in list(state.values())[:sum_count]:
         assert float(to_numpy(total)) == 0.0
-    if average_names:
-        averages = [float(to_numpy(next(
-            v for v in optimizer.variables if v.name == name)))
-            for name in average_names]
+    if controller == "gradient_ratio":
+        averages = [float(to_numpy(state[name])) for name in
+                    ("ratio_actual_average", "ratio_predicted_average")]
         np.testing.assert_allclose(
             averages, [reference.ratio_actual, reference.ratio_predicted],
             rtol=2e-5,
@@ -192,10 +192,13 @@ def test_config_round_trip_and_state_layout_versions(config, version, extra):
     assert len(restored.variables) == len(paper.variables) + extra
 
 
-@pytest.mark.parametrize("controller", ["hypergradient", "gradient_ratio"])
+@pytest.mark.parametrize("controller", [
+    "hypergradient", "gradient_ratio", SignController(step=0.2), "test_sign",
+], ids=["hypergradient", "gradient_ratio", "user_instance", "user_name"])
 def test_gradient_controller_fit_saves_and_resumes_exactly(controller):
-    """A model trained with a gradient-driven controller saves, loads and
-    continues exactly as the uninterrupted run (its averages included)."""
+    """A model trained with a gradient-driven controller (built in or a
+    user's) saves, loads and continues exactly as the uninterrupted run (its
+    averages included)."""
     x = np.linspace(-1, 1, 64, dtype="float32").reshape(32, 2)
     y = (x @ np.array([[2.0], [-1.0]], "float32")) + 0.5
 
@@ -221,7 +224,7 @@ def test_gradient_controller_fit_saves_and_resumes_exactly(controller):
         path = os.path.join(folder, "model.keras")
         halves.save(path)
         loaded = keras.saving.load_model(path)
-    assert loaded.optimizer.controller_name == controller
+    assert loaded.optimizer.controller == keras_soaa.controllers.get(controller)
     fit(loaded, 2)
     for a, b in zip(straight.get_weights(), loaded.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
@@ -248,3 +251,34 @@ def test_hypergradient_fit_on_a_generator_needs_no_total_steps():
     assert optimizer.total_steps is None
     assert len(history.history["radius"]) == 1
     assert float(to_numpy(optimizer.loss_count)) >= 5  # losses still counted
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_user_controller_follows_its_rule(fused):
+    """A constant gradient keeps `sum(g * q_prev) > 0` from the second step:
+    `log d` grows by `step` per step until `max_radius`; `state` counts."""
+    variable = keras.Variable([1.0, -2.0, 0.5])
+    optimizer = SOAA(controller=SignController(step=0.5), max_radius=4.0,
+                     fused=fused)
+    radii = []
+    for _ in range(6):
+        optimizer.apply([ops.convert_to_tensor([0.3, -0.1, 0.2])], [variable])
+        radii.append(float(to_numpy(optimizer.radius)))
+    expected = np.minimum(np.exp(0.5 * np.arange(6)), 4.0)
+    np.testing.assert_allclose(radii, expected, rtol=1e-6)
+    state = optimizer.controller_state()
+    assert float(to_numpy(state["test_sign_steps"])) == 6.0
+    assert float(to_numpy(state["test_sign_alignment"])) == 0.0  # consumed
+
+
+def test_controller_registry_and_serialization():
+    assert set(keras_soaa.controllers.names()) >= {
+        "paper", "hypergradient", "gradient_ratio", "test_sign"}
+    assert SOAA(controller="test_sign").get_config()["controller"] == "test_sign"
+    config = SOAA(controller=SignController(step=0.3)).get_config()
+    assert isinstance(config["controller"], dict)
+    assert SOAA.from_config(config).controller == SignController(step=0.3)
+    with pytest.raises(ValueError, match="controller"):
+        SOAA(controller="no_such_controller")
+    with pytest.raises(ValueError, match="already registered"):
+        keras_soaa.controllers.register("paper")(SignController)

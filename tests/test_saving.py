@@ -45,7 +45,8 @@ from conftest import BACKEND
 
 from keras_soaa import SOAA
 from keras_soaa.callback import find_soaa
-from keras_soaa.optimizer import SCALAR_STATE_NAMES, STATE_LAYOUT_VERSION
+from keras_soaa.controllers import TrustRegionState
+from keras_soaa.optimizer import STATE_LAYOUT_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "saved_models"
@@ -159,7 +160,7 @@ def scalars_from_state(model, state):
     index = {id(v): i for i, v in enumerate(model.optimizer.variables)}
     return {
         name: float(state[f"optimizer/{index[id(getattr(soaa, name))]}"])
-        for name in SCALAR_STATE_NAMES
+        for name in TrustRegionState._fields
     }
 
 
@@ -415,7 +416,7 @@ def test_golden_file_restores_its_state(source):
     trainable = len(model.trainable_variables)
     has_lr_variable = source != "jax"  # a schedule has no variable
     assert len(optimizer.variables) == 1 + has_lr_variable + 2 * trainable + 5
-    assert names["optimizer"][-5:] == list(SCALAR_STATE_NAMES)
+    assert names["optimizer"][-5:] == list(TrustRegionState._fields)
 
     # Every weight, m, v and scalar restored bit-exactly, on every backend.
     state = w.model_state(model)

@@ -1,22 +1,66 @@
-"""Backend fast paths of SOAA's update, chosen here and nowhere else.
+"""The one place SOAA's update path is chosen, per backend.
 
-A fast path updates every variable of one compute dtype at once and has the
-signature of `keras_soaa.backends.torch.update_step`. A backend without one
-runs `SOAA.update_step` per variable, which XLA fuses on TensorFlow and JAX.
+- torch: `keras_soaa.backends.torch.update_variables`, every variable of one
+  compute dtype at once with multi-tensor kernels (Keras runs a subclass'
+  `update_step` eagerly on torch, one small op at a time).
+- TensorFlow run eagerly outside a `tf.distribute` strategy: the portable
+  per-variable step compiled with XLA, one call (op by op, each elementwise
+  op would be a pass over memory).
+- Otherwise (JAX, compiled TensorFlow, `SOAA(fused=False)`): the portable
+  `SOAA.update_step` per variable, which the backend compiles with the
+  train step.
+
+Whichever runs, the controller adapts the radius after it (`SOAA.adapt_radius`).
 """
 
 import keras
+from keras import ops
+
+from keras_soaa import _keras_internals as internals
+from keras_soaa.compile import compile_state_update
 
 
-def fused_update_step(backend=None):
-    """Returns `backend`'s fused update step, or `None` if it has none.
+def update_variables(optimizer, grads, variables, learning_rate):
+    """Applies `optimizer`'s step to `variables`, then adapts its radius.
 
     Args:
-        backend: a Keras backend name; defaults to the current one.
+        optimizer: the `SOAA` optimizer.
+        grads: one gradient per variable.
+        variables: the variables to update.
+        learning_rate: this step's learning rate.
     """
-    backend = backend or keras.backend.backend()
-    if backend == "torch":
+    backend = keras.backend.backend()
+    if optimizer.fused is not False and backend == "torch":
         from keras_soaa.backends import torch as torch_backend
 
-        return torch_backend.update_step
-    return None
+        torch_backend.update_variables(optimizer, grads, variables, learning_rate)
+        optimizer.adapt_radius()
+    elif optimizer.fused is not False and _tf_eager_without_strategy(backend):
+        variables = list(variables)
+        update = optimizer._compiled.get(
+            ("update", *map(id, variables)),
+            lambda: compile_state_update(
+                lambda grads, lr: (grads, lr),
+                lambda grads, lr: portable_update(optimizer, grads, variables, lr),
+                lambda _: None,
+                jit_compile=True,
+            ),
+        )
+        update(list(grads), ops.convert_to_tensor(learning_rate))
+    else:
+        portable_update(optimizer, grads, variables, learning_rate)
+
+
+def portable_update(optimizer, grads, variables, learning_rate):
+    """`SOAA.update_step` per variable (Keras' loop), then `adapt_radius`."""
+    internals.update_each_variable(optimizer, grads, variables, learning_rate)
+    optimizer.adapt_radius()
+
+
+def _tf_eager_without_strategy(backend):
+    """True when TensorFlow runs eagerly outside any `tf.distribute` scope."""
+    if backend != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    return tf.executing_eagerly() and not tf.distribute.has_strategy()

@@ -1,20 +1,13 @@
 """SOAA's update of many variables at once, with `torch._foreach_*` kernels.
 
-On torch, Keras runs a subclass' `update_step` eagerly, one variable and one
-small op at a time; Keras' own torch Adam avoids that with multi-tensor
-kernels (`keras/src/backend/torch/optimizers/torch_adam.py`). This is the same
-for SOAA: `update_step` below follows `SOAA.update_step` line for line, and
-each function it calls has the name of the `keras_soaa.maths` function it
-stands for, applied to a list of tensors (one per variable). Where `maths`
-only combines per-variable scalars it is called as it is, on vectors, and
-`replayed` (one call instead of a dozen `keras.ops` dispatches).
-tests/test_fast_paths.py checks that both paths give the same numbers.
-
-On CPU a foreach call is a loop of per-tensor kernels and every new array is
-freshly mapped memory: the sums are BLAS dot products and most kernels write
-in place, and where the skip rule will apply every variable's step (known
-from `sum(g**2)`, `applies_to_every_variable`: torch's counterpart of
-`maths.moments_are_finite`) m, v and the weights are updated in place too.
+As Keras' torch Adam (`keras/src/backend/torch/optimizers/torch_adam.py`):
+`update_step` follows `SOAA.update_step` line for line, each function it
+calls named after the `keras_soaa.maths` (or `controllers.base`) function it
+stands for, on a list of tensors, one per variable. Where `maths` only
+combines per-variable scalars it runs as it is, on vectors, `replayed`.
+Where the skip rule will apply every variable's step
+(`applies_to_every_variable`, the counterpart of `maths.moments_are_finite`),
+m, v and the weights are updated in place.
 """
 
 import functools
@@ -40,31 +33,24 @@ def replayed(function, **constants):
     )
 
 
-def previous_step_quotient(momentums, velocities, scalars, epsilon):
-    """`maths.previous_step_quotient` for many variables."""
-    quotients = torch._foreach_sqrt(velocities)
-    torch._foreach_mul_(quotients, torch.rsqrt(scalars.previous_beta_2_correction))
-    torch._foreach_add_(quotients, epsilon)
-    for m, q in zip(momentums, quotients):
+def previous_direction(momentums, velocities, scalars, epsilon):
+    """`maths.previous_direction` for many variables."""
+    directions = torch._foreach_sqrt(velocities)
+    torch._foreach_mul_(directions, torch.rsqrt(scalars.previous_beta_2_correction))
+    torch._foreach_add_(directions, epsilon)
+    for m, q in zip(momentums, directions):
         torch.div(m, q, out=q)
-    return quotients
+    return directions
 
 
-def hypergradient_sums(grads, previous_quotients):
-    """`maths.hypergradient_sums` for many variables: three vectors."""
-    return (
-        _dots(zip(grads, previous_quotients)),
-        _dots(zip(grads, grads)),
-        _dots(zip(previous_quotients, previous_quotients)),
-    )
-
-
-def ratio_sums(grads, momentums, previous_quotients):
-    """`maths.ratio_sums` for many variables: two vectors."""
-    return (
-        _dots(zip(grads, previous_quotients)),
-        _dots(zip(momentums, previous_quotients)),
-    )
+def step_sums(sums, grads, momentums, velocities, scalars, epsilon):
+    """`controllers.base.step_sums` for many variables: a vector per sum."""
+    operands = {"gradient": grads, "momentum": momentums, "velocity": velocities}
+    if any("previous_direction" in s[1:] for s in sums):
+        operands["previous_direction"] = previous_direction(
+            momentums, velocities, scalars, epsilon
+        )
+    return tuple(_dots(zip(operands[s.left], operands[s.right])) for s in sums)
 
 
 def _dots(pairs):
@@ -101,8 +87,8 @@ def curvature_sums(new_m, new_v) -> maths.CurvatureSums:
     )
 
 
-def step_quotient(new_m, new_v, curvature_scale, scalars, epsilon):
-    """`maths.step_quotient` for many variables (`curvature_scale`: a vector)."""
+def step_direction(new_m, new_v, curvature_scale, scalars, epsilon):
+    """`maths.step_direction` for many variables (`curvature_scale`: a vector)."""
     b2c = scalars.beta_2_correction
     sqrt_v_hat = torch._foreach_sqrt(new_v)
     torch._foreach_mul_(sqrt_v_hat, torch.rsqrt(b2c))
@@ -115,7 +101,7 @@ def step_quotient(new_m, new_v, curvature_scale, scalars, epsilon):
     return denominator
 
 
-def new_weight(thetas, quotients, scalars, weight_decays, dtypes, in_place=False):
+def new_weight(thetas, directions, scalars, weight_decays, dtypes, in_place=False):
     """`maths.new_weight` for many variables.
 
     `weight_decays` has one entry per variable (`None` where it is not
@@ -125,18 +111,18 @@ def new_weight(thetas, quotients, scalars, weight_decays, dtypes, in_place=False
     lr = scalars.learning_rate
     step_scale = scalars.radius / scalars.beta_1_correction
     if in_place:
-        for theta, quotient, weight_decay in zip(thetas, quotients, weight_decays):
+        for theta, direction, weight_decay in zip(thetas, directions, weight_decays):
             if weight_decay is not None:
                 theta.addcmul_(theta, -weight_decay * lr)
-            theta.addcmul_(quotient, -lr * step_scale)
+            theta.addcmul_(direction, -lr * step_scale)
         return thetas
     new_thetas = []
-    for theta, quotient, weight_decay, dtype in zip(
-        thetas, quotients, weight_decays, dtypes
+    for theta, direction, weight_decay, dtype in zip(
+        thetas, directions, weight_decays, dtypes
     ):
         if weight_decay is not None:
             theta = torch.addcmul(theta, theta, -weight_decay * lr)
-        new_theta = torch.addcmul(theta, quotient, -lr * step_scale)
+        new_theta = torch.addcmul(theta, direction, -lr * step_scale)
         largest = maths.LARGEST_FINITE.get(keras.backend.standardize_dtype(dtype))
         if largest is not None:
             new_theta.clamp_(-largest, largest)
@@ -144,16 +130,52 @@ def new_weight(thetas, quotients, scalars, weight_decays, dtypes, in_place=False
     return new_thetas
 
 
-def predicted_reduction_sums(new_m, new_v, quotients):
+def predicted_reduction_sums(new_m, new_v, directions):
     """`maths.predicted_reduction_sums` for many variables: two vectors."""
-    weighted = torch._foreach_mul(new_v, quotients)
-    return _dots(zip(new_m, quotients)), _dots(zip(weighted, quotients))
+    weighted = torch._foreach_mul(new_v, directions)
+    return _dots(zip(new_m, directions)), _dots(zip(weighted, directions))
+
+
+def update_variables(optimizer, grads, variables, learning_rate):
+    """Runs `update_step` once per compute dtype over the non-empty variables.
+
+    Adds the predicted reduction and the controller's sums to `optimizer`'s
+    variables, as `SOAA.update_step` does per variable.
+    """
+    groups = {}
+    for grad, variable in zip(grads, variables):
+        if 0 in tuple(variable.shape):
+            continue  # no element: nothing to update, nothing predicted
+        m, v = optimizer._moments_of(variable)
+        groups.setdefault(m.dtype, []).append((grad, variable, m, v))
+    for dtype, members in groups.items():
+        grads, variables, momentums, velocities = zip(*members)
+        scalars = replayed(
+            maths.step_scalars, beta_1=optimizer.beta_1, beta_2=optimizer.beta_2,
+            dtype=dtype,
+        )(*map(keras.ops.convert_to_tensor,
+               (learning_rate, optimizer.iterations, optimizer.radius)))
+        predicted, totals = update_step(
+            [keras.ops.convert_to_tensor(g) for g in grads],
+            [variable.value for variable in variables],
+            [m.value for m in momentums],
+            [v.value for v in velocities],
+            [optimizer._weight_decay_of(variable) for variable in variables],
+            scalars,
+            beta_1=optimizer.beta_1,
+            beta_2=optimizer.beta_2,
+            epsilon=optimizer.epsilon,
+            sums=optimizer.controller.sums,
+        )
+        optimizer.predicted_reduction.assign_add(predicted)
+        for variable, total in zip(optimizer._controller_sums, totals):
+            variable.assign_add(total)
 
 
 @torch.no_grad()
 def update_step(
     grads, params, momentums, velocities, weight_decays, scalars,
-    *, beta_1, beta_2, epsilon, gradient_sums=None,
+    *, beta_1, beta_2, epsilon, sums=(),
 ):
     """Applies SOAA's step to variables that share one compute dtype.
 
@@ -167,40 +189,30 @@ def update_step(
         beta_1: the optimizer's `beta_1`.
         beta_2: the optimizer's `beta_2`.
         epsilon: the optimizer's `epsilon`.
-        gradient_sums: `None`, or the gradient-driven controller whose sums
-            to compute: `"hypergradient"` (`maths.hypergradient_sums`) or
-            `"gradient_ratio"` (`maths.ratio_sums`).
+        sums: the controller's `Sum`s (`Controller.sums`).
 
     Returns:
-        `(predicted, sums)`: the predicted reduction of the applied steps (a
-        float32 scalar), and the controller's sums over them (a tuple of
-        float32 scalars), or `None` when `gradient_sums` is `None`.
+        `(predicted, totals)`: the predicted reduction of the applied steps
+        (a float32 scalar), and the controller's `sums` over them (a tuple
+        of float32 scalars, one per sum).
     """
     dtype = momentums[0].dtype
     grads = [g.to(dtype) for g in grads]
     thetas = [p.to(dtype) for p in params]
 
-    if gradient_sums is not None:
-        # From the old moments: before they are updated in place below.
-        previous_quotients = previous_step_quotient(
-            momentums, velocities, scalars, epsilon
-        )
-        sum_vectors = (
-            hypergradient_sums(grads, previous_quotients)
-            if gradient_sums == "hypergradient"
-            else ratio_sums(grads, momentums, previous_quotients)
-        )
+    # From the old moments: before they are updated in place below.
+    sum_vectors = step_sums(sums, grads, momentums, velocities, scalars, epsilon)
     in_place = applies_to_every_variable(grads, params, scalars, beta_1, beta_2)
     new_m, new_v = moments(momentums, velocities, grads, beta_1, beta_2, in_place)
     sums = curvature_sums(new_m, new_v)
     sizes = torch.tensor([p.numel() for p in params], dtype=dtype)
     c, is_finite = replayed(_scale_and_check, epsilon=epsilon)(sums, sizes, scalars)
-    quotients = step_quotient(new_m, new_v, c, scalars, epsilon)
+    directions = step_direction(new_m, new_v, c, scalars, epsilon)
     new_params = new_weight(
-        thetas, quotients, scalars, weight_decays, [p.dtype for p in params],
+        thetas, directions, scalars, weight_decays, [p.dtype for p in params],
         in_place,
     )
-    predicted_sums = predicted_reduction_sums(new_m, new_v, quotients)
+    predicted_sums = predicted_reduction_sums(new_m, new_v, directions)
 
     if not in_place:  # computed aside: write what the skip rule keeps
         states = momentums + velocities + params
@@ -213,10 +225,9 @@ def update_step(
             for ok, state, new in zip(is_finite.unbind() * 3, states, news):
                 torch.where(ok, new, state, out=state)
     predicted, *totals = replayed(_applied_totals)(
-        predicted_sums, scalars, is_finite,
-        () if gradient_sums is None else sum_vectors,
+        predicted_sums, scalars, is_finite, sum_vectors
     )
-    return predicted, (None if gradient_sums is None else tuple(totals))
+    return predicted, tuple(totals)
 
 
 def applies_to_every_variable(grads, params, scalars, beta_1, beta_2):

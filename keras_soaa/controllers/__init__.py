@@ -1,0 +1,39 @@
+"""SOAA's trust-region controllers: one module each, one registry.
+
+`SOAA(controller=...)` takes a registered name or a `Controller`. Adding
+one is a module with a `Controller` subclass decorated with `register`
+(see `base` for what a controller declares and does).
+"""
+
+from keras_soaa.controllers.base import (
+    OPERANDS,
+    Controller,
+    Observer,
+    Settings,
+    Sum,
+    TrustRegionState,
+)
+from keras_soaa.controllers.gradient_ratio import GradientRatioController
+from keras_soaa.controllers.hypergradient import HypergradientController
+from keras_soaa.controllers.paper import PaperController
+from keras_soaa.controllers.registry import get, names, register, serialize
+
+# What `SOAA()` uses: the paper's controller.
+DEFAULT = PaperController.name
+
+__all__ = [
+    "DEFAULT",
+    "OPERANDS",
+    "Controller",
+    "GradientRatioController",
+    "HypergradientController",
+    "Observer",
+    "PaperController",
+    "Settings",
+    "Sum",
+    "TrustRegionState",
+    "get",
+    "names",
+    "register",
+    "serialize",
+]
