@@ -217,7 +217,7 @@ def test_gradient_controller_fit_saves_and_resumes_exactly(controller):
     straight = make()
     history = fit(straight, 4)
     radii = history.history["radius"]
-    assert len(set(np.round(radii, 6))) > 1  # the radius moved and is logged
+    assert np.max(np.abs(np.asarray(radii) - 1.0)) > 1e-3  # moved, logged
     halves = make()
     fit(halves, 2)
     with tempfile.TemporaryDirectory() as folder:
