@@ -1,12 +1,28 @@
 """Benchmark SOAA against the strongest optimizers Keras ships.
 
-    python benchmarks/compare.py [--problems digits,rosenbrock] [--quick]
-        [--optimizers soaa,adam,schedulefree,muon | all] [--backend jax]
-        [--seeds 3] [--steps N] [--lrs 1e-3,3e-3,1e-2] [--out runs/benchmark]
-        [--hd-radius-lr 0.05] [--hd-bounds 0.1,10] [--merge runs/benchmark]
+    python benchmarks/compare.py            # the verdict, ~3 min on 2 cores
+    python benchmarks/compare.py --quick    # a smoke run, about a minute
+    python benchmarks/compare.py --full     # every problem and optimizer
+        [--problems digits,rosenbrock | all] [--optimizers soaa,adam,... | all]
+        [--backend jax] [--seeds 3] [--steps N] [--lrs 1e-3,3e-3,1e-2]
+        [--out DIR [--overwrite]] [--merge DIR]
+        [--hd-radius-lr 0.05] [--hd-bounds 0.1,10]
 
-Optimizers (default: soaa, soaa_cosine, soaa_hd, soaa_hd_cosine, soaa_gr,
-soaa_gr_cosine, adam, adam_cosine, schedulefree):
+Three modes (their problems, optimizers, seeds, steps and grids are in
+`MODES`, listed at the end of `--help`; any option given explicitly
+overrides the mode's value):
+
+- default: the verdict: the recommended SOAA configurations against the
+  strongest peers, on the four fast problems, with 3 seeds and each
+  problem's own steps and learning-rate grid (about 3 minutes on 2 idle
+  CPU cores, at most 10 on busy ones).
+- `--full`: every problem (also the Transformer and the CNN) and every
+  default optimizer: the README's tables (about 30 minutes on 2 cores).
+- `--quick`: a smoke run of every problem with SOAA-HD, SOAA, Adam and
+  ScheduleFreeAdamW: 1 seed, the two middle rates of each grid, 10 steps
+  (under a minute; its numbers mean nothing).
+
+Optimizers:
 
 - `soaa`: `keras_soaa.SOAA`, constant learning rate (the paper's setting).
 - `soaa_cosine`: SOAA with `keras.optimizers.schedules.CosineDecay` from the
@@ -15,7 +31,8 @@ soaa_gr_cosine, adam, adam_cosine, schedulefree):
   `SOAA(controller="hypergradient")`: the radius follows the gradients
   (hypergradient descent on log d) instead of the observed losses; SOAA's
   defaults for its `radius_learning_rate`, `min_radius` and `max_radius`
-  unless `--hd-radius-lr` / `--hd-bounds` set them.
+  unless `--hd-radius-lr` / `--hd-bounds` set them. `soaa_hd` is the
+  recommended configuration (`RECOMMENDED`).
 - `soaa_gr`, `soaa_gr_cosine`: the same two with
   `SOAA(controller="gradient_ratio")` at its defaults: the radius follows
   the smoothed ratio of actual to predicted reduction, both read from the
@@ -43,27 +60,31 @@ per learning rate: a schedule is fixed when the optimizer is made): every run
 then starts from freshly initialised weights and a fresh optimizer state
 copied into the compiled model (`--no-reuse` compiles a new model per run).
 
-Writes to `--out`: `report.md` (tables, and SOAA against the strongest
-optimizer of each problem), one PNG per problem (loss vs step and vs
-wall-clock, the learning-rate sweep, SOAA's radius with its bounds)
-and `results.json` (every run's curves; `python benchmarks/report.py DIR`
+Writes to a new folder `runs/benchmark/<mode>-<YYYYmmdd-HHMMSS>/` (printed at
+the start and the end), or to `--out DIR`, which must not hold results yet
+unless `--overwrite` is given: `report.md` (tables, and SOAA against the
+strongest optimizer of each problem), one PNG per problem (loss vs step and
+vs wall-clock, the learning-rate sweep, SOAA's radius with its bounds) and
+`results.json` (every run's curves; `python benchmarks/report.py DIR`
 redraws the report from it).
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
 import sys
+import textwrap
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OPTIMIZERS = ("soaa", "soaa_cosine", "soaa_hd", "soaa_hd_cosine", "soaa_gr",
               "soaa_gr_cosine", "adam", "adam_cosine", "adamw",
               "schedulefree", "muon", "lion")
-DEFAULT_OPTIMIZERS = ("soaa", "soaa_cosine", "soaa_hd", "soaa_hd_cosine",
-                      "soaa_gr", "soaa_gr_cosine", "adam", "adam_cosine",
-                      "schedulefree")
+# The SOAA configuration the package recommends: the report's verdict and
+# plots lead with it. One place, so it can change.
+RECOMMENDED = "soaa_hd"
 # Issue 17's prototype controllers (`designs.py`), run only when named.
 DESIGN_OPTIMIZERS = tuple(
     name + suffix
@@ -72,33 +93,116 @@ DESIGN_OPTIMIZERS = tuple(
     for suffix in ("", "_cosine")
 )
 QUICK_STEPS = 10
+# The benchmark root; each run writes to a new `<mode>-<time>` folder in it.
+RUNS = os.path.join("runs", "benchmark")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """What a mode runs. `problems=None`: every problem; `steps=None`: each
+    problem's own; `grid`: "full" (each problem's own grid) or "middle" (its
+    two middle points)."""
+
+    name: str
+    summary: str
+    problems: tuple | None
+    optimizers: tuple
+    seeds: int
+    steps: int | None
+    grid: str
+
+
+MODES = {
+    "default": Mode(
+        "default",
+        "the verdict: the recommended SOAA configurations against the "
+        "strongest peers on the four fast problems (about 3 min on 2 idle "
+        "cores, at most 10 on busy ones)",
+        problems=("digits", "breast_cancer", "quadratic", "rosenbrock"),
+        optimizers=(RECOMMENDED, "soaa_hd_cosine", "soaa", "adam",
+                    "adam_cosine", "schedulefree"),
+        seeds=3, steps=None, grid="full"),
+    "full": Mode(
+        "full",
+        "every problem and every default optimizer: the README's tables "
+        "(about 30 min on 2 cores)",
+        problems=None,
+        optimizers=("soaa", "soaa_cosine", "soaa_hd", "soaa_hd_cosine",
+                    "soaa_gr", "soaa_gr_cosine", "adam", "adam_cosine",
+                    "schedulefree"),
+        seeds=3, steps=None, grid="full"),
+    "quick": Mode(
+        "quick",
+        "a smoke run of every problem (under a minute; numbers mean "
+        "nothing)",
+        problems=None,
+        optimizers=(RECOMMENDED, "soaa", "adam", "schedulefree"),
+        seeds=1, steps=QUICK_STEPS, grid="middle"),
+}
+DEFAULT_OPTIMIZERS = MODES["default"].optimizers
+FULL_OPTIMIZERS = MODES["full"].optimizers
+
+
+def modes_text():
+    """The modes, as `--help` lists them."""
+    lines = textwrap.wrap("modes (an explicit --problems, --optimizers, "
+                          "--seeds, --steps or --lrs overrides the mode's):",
+                          79)
+    for flag, mode in (("(default)", MODES["default"]),
+                       ("--full", MODES["full"]), ("--quick", MODES["quick"])):
+        grid = ("each problem's own grid" if mode.grid == "full"
+                else "the two middle rates of each grid")
+        entries = [
+            (f"  {flag}: ", mode.summary),
+            ("      problems:   ", ", ".join(mode.problems) if mode.problems
+             else "all"),
+            ("      optimizers: ", ", ".join(mode.optimizers)),
+            ("      ", f"seeds: {mode.seeds}; steps: "
+             + (str(mode.steps) if mode.steps else "each problem's own")
+             + f"; {grid}"),
+        ]
+        lines += [textwrap.fill(text, 79, initial_indent=indent,
+                                subsequent_indent=" " * 8)
+                  for indent, text in entries]
+    return "\n".join(lines)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, epilog=modes_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--problems", default="all",
-                        help="comma-separated problem names, or 'all'")
-    parser.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS),
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--quick", action="store_true",
+                       help="the smoke run (see modes below)")
+    which.add_argument("--full", action="store_true",
+                       help="every problem and every default optimizer "
+                       "(see modes below)")
+    parser.add_argument("--problems", default=None,
+                        help="comma-separated problem names, or 'all' "
+                        "(default: the mode's)")
+    parser.add_argument("--optimizers", default=None,
                         help=f"comma-separated, from {', '.join(OPTIMIZERS)}; "
-                        "or 'all'")
+                        "or 'all' (default: the mode's)")
     parser.add_argument("--backend", default=None,
                         help="tensorflow, jax or torch (default: "
                         "$KERAS_BACKEND, else jax)")
     parser.add_argument("--seeds", type=int, default=None,
-                        help="number of seeds (default 3; 1 with --quick)")
+                        help="number of seeds (default: the mode's)")
     parser.add_argument("--steps", type=int, default=None,
                         help="training steps for every problem (default: "
-                        "each problem's own; 10 with --quick)")
+                        "the mode's)")
     parser.add_argument("--lrs", default=None,
                         help="comma-separated learning rates used for every "
                         "problem (default: each problem's own grid; its two "
                         "middle points with --quick)")
-    parser.add_argument("--out", default=os.path.join("runs", "benchmark"),
-                        help="output folder (default runs/benchmark)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a smoke run: 1 seed, 2 rates, 10 steps")
+    parser.add_argument("--out", default=None,
+                        help=f"output folder (default: a new folder "
+                        f"{os.path.join(RUNS, '<mode>-<YYYYmmdd-HHMMSS>')}); "
+                        "refused if it already holds results, unless "
+                        "--overwrite")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="let --out replace the results already there")
     parser.add_argument("--no-reuse", dest="reuse", action="store_false",
                         help="compile a new model for every run")
     parser.add_argument("--hd-radius-lr", type=float, default=None,
@@ -113,7 +217,13 @@ def parse_args(argv=None):
                         "problems, seeds and grids; JAX on CPU is "
                         "deterministic, so they are what a rerun would give)")
     args = parser.parse_args(argv)
-    if args.optimizers.strip() == "all":
+    args.mode = "quick" if args.quick else "full" if args.full else "default"
+    mode = MODES[args.mode]
+    if args.problems is None:
+        args.problems = ",".join(mode.problems) if mode.problems else "all"
+    if args.optimizers is None:
+        args.optimizers = list(mode.optimizers)
+    elif args.optimizers.strip() == "all":
         args.optimizers = list(OPTIMIZERS)
     else:
         args.optimizers = [name.strip() for name in args.optimizers.split(",")]
@@ -122,9 +232,10 @@ def parse_args(argv=None):
     if unknown:
         parser.error(f"unknown optimizer(s) {unknown}; choose from {OPTIMIZERS}")
     if args.seeds is None:
-        args.seeds = 1 if args.quick else 3
-    if args.steps is None and args.quick:
-        args.steps = QUICK_STEPS
+        args.seeds = mode.seeds
+    if args.steps is None:
+        args.steps = mode.steps
+    args.middle_grid = mode.grid == "middle"
     if args.lrs is not None:
         args.lrs = [float(lr) for lr in args.lrs.split(",")]
     args.hypergradient = {}
@@ -139,14 +250,83 @@ def parse_args(argv=None):
     return args
 
 
+RESULT_FILES = ("results.json", "report.md")
+
+
+def holds_results(folder):
+    """Whether `folder` holds a benchmark's results."""
+    return any(os.path.exists(os.path.join(folder, name))
+               for name in RESULT_FILES)
+
+
+def refuse_overwrite(args, root=RUNS):
+    """Exits if `--out` holds results and `--overwrite` was not given."""
+    if args.out is None or args.overwrite or not holds_results(args.out):
+        return
+    found = [name for name in RESULT_FILES
+             if os.path.exists(os.path.join(args.out, name))]
+    raise SystemExit(
+        f"--out {args.out} already holds results ({', '.join(found)}): "
+        "refusing to overwrite them. Pass --overwrite to replace them, or "
+        "leave --out out to write to a new folder "
+        f"{os.path.join(root, args.mode + '-<YYYYmmdd-HHMMSS>')}.")
+
+
+def output_folder(args, root=RUNS, now=None):
+    """The run's folder, created (empty) now; refuses to overwrite results.
+
+    Without `--out`: a new `root/<mode>-<YYYYmmdd-HHMMSS>` (`-2`, `-3`, ...
+    appended if that exists already). With `--out DIR`: DIR, unless it
+    holds results (`results.json` or `report.md`) and `--overwrite` is not
+    given.
+    """
+    if args.out is not None:
+        refuse_overwrite(args, root)
+        os.makedirs(args.out, exist_ok=True)
+        return args.out
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    base = os.path.join(root, f"{args.mode}-{stamp}")
+    folder, k = base, 1
+    while True:
+        try:
+            os.makedirs(folder)
+            return folder
+        except FileExistsError:
+            k += 1
+            folder = f"{base}-{k}"
+
+
+def latest_run(root=RUNS, modes=("full", "default")):
+    """The newest `root/<mode>-*` folder with a `results.json`, of the first
+    of `modes` that has one; `None` if none."""
+    if not os.path.isdir(root):
+        return None
+    for mode in modes:
+        folders = sorted(
+            name for name in os.listdir(root)
+            if name.startswith(mode + "-")
+            and os.path.exists(os.path.join(root, name, "results.json")))
+        if folders:
+            return os.path.join(root, folders[-1])
+    return None
+
+
+def load_previous(folder, seeds):
+    """`folder`'s `results.json`, checked before anything runs."""
+    path = os.path.join(folder, "results.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"--merge: {path} does not exist")
+    with open(path) as file:
+        previous = json.load(file)
+    if previous["config"]["seeds"] != seeds:
+        raise SystemExit(f"--merge: {folder} has seeds "
+                         f"{previous['config']['seeds']}, this run {seeds}")
+    return previous
+
+
 def merge_previous(results, config, folder):
     """Adds `folder`'s runs of the optimizers not run now to `results`."""
-    with open(os.path.join(folder, "results.json")) as file:
-        previous = json.load(file)
-    if previous["config"]["seeds"] != config["seeds"]:
-        raise SystemExit(f"--merge: {folder} has seeds "
-                         f"{previous['config']['seeds']}, this run "
-                         f"{config['seeds']}")
+    previous = load_previous(folder, config["seeds"])
     added = []
     for name, entry in results.items():
         old = previous["results"].get(name)
@@ -160,7 +340,8 @@ def merge_previous(results, config, folder):
     config["optimizers"] = added + config["optimizers"]
     config["merged_from"] = {"folder": folder,
                              "optimizers": added,
-                             "minutes": previous["config"]["minutes"]}
+                             "minutes": previous["config"]["minutes"],
+                             "versions": previous["config"].get("versions")}
     if "hypergradient" in previous["config"]:
         config.setdefault("hypergradient", previous["config"]["hypergradient"])
 
@@ -189,6 +370,7 @@ def select_backend(requested):
 
 def main(argv=None):
     args = parse_args(argv)
+    refuse_overwrite(args)  # before anything is imported or run
     backend = select_backend(args.backend)
     if HERE not in sys.path:
         sys.path.insert(0, HERE)
@@ -201,7 +383,7 @@ def main(argv=None):
 
     names = (
         list(problems.PROBLEM_NAMES)
-        if args.problems == "all"
+        if args.problems.strip() == "all"
         else [name.strip() for name in args.problems.split(",")]
     )
     unknown = sorted(set(names) - set(problems.PROBLEM_NAMES))
@@ -209,21 +391,30 @@ def main(argv=None):
         raise SystemExit(
             f"unknown problem(s) {unknown}; choose from {problems.PROBLEM_NAMES}"
         )
+    seeds = list(range(args.seeds))
+    if args.merge:
+        load_previous(args.merge, seeds)
+    out = output_folder(args)
     selected = [problems.make_problem(name, args.steps, args.quick)
                 for name in names]
-    seeds = list(range(args.seeds))
     grids = {
         problem.name: args.lrs or (
-            quick_grid(problem.lrs) if args.quick else list(problem.lrs)
+            quick_grid(problem.lrs) if args.middle_grid else list(problem.lrs)
         )
         for problem in selected
     }
-    total_runs = sum(len(grids[p.name]) for p in selected) * len(seeds) * len(
-        args.optimizers
-    )
+    progress = runner.Progress()
+    for problem in selected:
+        for optimizer in args.optimizers:
+            plan = runner.compiles(optimizer, grids[problem.name], seeds,
+                                   args.reuse)
+            progress.plan(problem.name, runner.sweep_cost(
+                problem, optimizer, grids[problem.name], seeds, args.reuse),
+                len(plan))
     config = {
         "command": "python benchmarks/compare.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
+        "mode": args.mode,
         "backend": backend,
         "versions": runner.versions(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
@@ -234,19 +425,23 @@ def main(argv=None):
     }
     if any(runner.is_hypergradient(o) for o in args.optimizers):
         config["hypergradient"] = runner.hypergradient_arguments()
-    print(f"{total_runs} runs on {backend}: {', '.join(names)} x "
-          f"{', '.join(args.optimizers)} x {len(seeds)} seed(s)", flush=True)
+    print(f"{args.mode} mode: {progress.planned_runs} runs on {backend} "
+          f"(keras-soaa {config['versions']['keras-soaa']}): "
+          f"{', '.join(names)} x {', '.join(args.optimizers)} x "
+          f"{len(seeds)} seed(s); expected about "
+          f"{runner.clock_text(progress.remaining())} on 2 idle CPU cores",
+          flush=True)
+    print(f"writing to {out}", flush=True)
 
     start = time.perf_counter()
     results = {}
-    counter = runner.Counter(total_runs)
     for problem in selected:
         results[problem.name] = {
             "problem": runner.describe(problem, grids[problem.name]),
             "runs": {
                 optimizer: runner.sweep(
                     problem, optimizer, grids[problem.name], seeds,
-                    reuse=args.reuse, counter=counter,
+                    reuse=args.reuse, counter=progress,
                 )
                 for optimizer in args.optimizers
             },
@@ -256,12 +451,11 @@ def main(argv=None):
     if args.merge:
         merge_previous(results, config, args.merge)
 
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as file:
+    with open(os.path.join(out, "results.json"), "w") as file:
         json.dump({"config": config, "results": results}, file)
-    written = report.write(results, config, args.out)
+    written = report.write(results, config, out)
     print(f"done in {config['minutes']:.1f} min; wrote "
-          f"{', '.join(os.path.join(args.out, name) for name in written)}")
+          f"{', '.join(written)} to {out}")
     return results, config
 
 

@@ -1,6 +1,6 @@
 """Does SOAA's trust-region radius carry signal? The three controllers compared.
 
-    python benchmarks/controller_signal.py [--results runs/benchmark/results.json]
+    python benchmarks/controller_signal.py [--results DIR/results.json]
         [--problems digits,quadratic,breast_cancer] [--seeds 3] [--every 10]
         [--lr digits:soaa=0.056 --lr digits:soaa_hd=0.03 ...]
         [--hd-radius-lr 0.05] [--hd-bounds 0.1,10]
@@ -9,7 +9,8 @@
 For each problem and controller (`soaa`: the paper's loss-ratio controller;
 `soaa_hd`: `controller="hypergradient"`; `soaa_gr`:
 `controller="gradient_ratio"`), at the controller's tuned learning
-rate (read from a `compare.py` `results.json`, or given with `--lr`), over
+rate (read from a `compare.py` `results.json`, by default the newest full or
+default run's under `runs/benchmark`, or given with `--lr`), over
 the seeds:
 
 (a) **interior fraction**: the share of steps after which the radius d is
@@ -67,7 +68,6 @@ import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
 import keras_soaa  # noqa: E402
-from keras_soaa._keras_internals import sync_trainer_state  # noqa: E402
 
 CONTROLLERS = ("soaa", "soaa_hd", "soaa_gr")
 MULTIPLIERS = (0.5, 0.7, 1.0, 1.4, 2.0)
@@ -78,10 +78,10 @@ PROBE_ROWS = 256
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", default=os.path.join(
-        "runs", "benchmark", "results.json"),
+    parser.add_argument("--results", default=None,
         help="a compare.py results.json to read the tuned rates (and the "
-        "hypergradient controller's arguments) from")
+        "hypergradient controller's arguments) from (default: the newest "
+        "full, else default, run's under runs/benchmark)")
     parser.add_argument("--problems", default=",".join(DEFAULT_PROBLEMS))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=None,
@@ -143,10 +143,15 @@ def used_radii(logged, initial=1.0):
 
 def main(argv=None):
     args = parse_args(argv)
+    import compare
     import problems
     import report
     import runner
 
+    if args.results is None:
+        latest = compare.latest_run()
+        args.results = (os.path.join(latest, "results.json") if latest
+                        else os.path.join(compare.RUNS, "results.json"))
     saved = None
     if os.path.exists(args.results):
         with open(args.results) as file:
@@ -210,7 +215,7 @@ def main(argv=None):
             def compiled(adaptive, controller=controller, lr=lr,
                          models=models, problem=problem):
                 if adaptive not in models:
-                    keras.utils.set_random_seed(0)
+                    runner.seed_everything(0)
                     model = problem.build_model(0)
                     model.compile(optimizer=make(controller, lr, adaptive,
                                                  problem.steps),
@@ -282,7 +287,7 @@ def train(model, problem, seed, x, y, chunk, fresh_optimizer, with_callback,
     """
     import runner
 
-    keras.utils.set_random_seed(seed)
+    runner.seed_everything(seed)
     fresh = problem.build_model(seed)
     model.set_weights(fresh.get_weights())
     fresh_optimizer.build(model.trainable_variables)
@@ -293,7 +298,7 @@ def train(model, problem, seed, x, y, chunk, fresh_optimizer, with_callback,
         raise RuntimeError("optimizer state layouts differ")
     for variable, value in zip(target.variables, fresh_optimizer.variables):
         variable.assign(value)
-    if with_callback and target.controller_name == "paper":
+    if with_callback and target.get_config()["controller"] == "paper":
         target.total_steps = None  # `TrustRegionCallback` sets it
     callbacks = [*extra, RadiusLog(), runner.Recorder()]
     if with_callback:
@@ -318,7 +323,11 @@ class _StepCallback(keras.callbacks.Callback):
 
 
 class RadiusLog(_StepCallback):
-    """The radius after every batch, read from the optimizer."""
+    """The radius after every batch, read from the optimizer.
+
+    On JAX, reading `self.model` (Keras' `Callback.model`) first writes the
+    trainer's state back into the variables, so the read sees this step.
+    """
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
@@ -326,19 +335,23 @@ class RadiusLog(_StepCallback):
 
     def on_train_batch_end(self, batch, logs=None):
         super().on_train_batch_end(batch, logs)
-        sync_trainer_state(self.model)
-        self.radii.append(float(ops.convert_to_numpy(self.model.optimizer.radius)))
+        optimizer = self.model.optimizer  # on JAX: syncs the trainer's state
+        self.radii.append(float(ops.convert_to_numpy(optimizer.radius)))
 
 
 class RadiusReplay(_StepCallback):
-    """Assigns `radii[t]` to `optimizer.radius` before step t (0-based)."""
+    """Assigns `radii[t]` to `optimizer.radius` before step t (0-based).
+
+    On JAX, reading `self.model` writes the trainer's state back into the
+    variables and makes `fit` gather it again before the step, so the
+    assignment is what the step uses.
+    """
 
     def __init__(self, radii):
         super().__init__()
         self.radii = [float(r) for r in radii]
 
     def on_train_batch_begin(self, batch, logs=None):
-        sync_trainer_state(self.model)  # JAX: the trainer regathers the state
         self.model.optimizer.radius.assign(self.radii[self.step])
 
 
@@ -378,8 +391,7 @@ class OracleProbe(_StepCallback):
         t = self.step
         if t == 0 or t % self.every:
             return
-        model = self.model
-        sync_trainer_state(model)
+        model = self.model  # on JAX: syncs the trainer's state
         variables = self._variables()
         saved = [ops.convert_to_numpy(v) for v in variables]
         optimizer = model.optimizer
@@ -392,8 +404,8 @@ class OracleProbe(_StepCallback):
                 for variable, value in zip(variables, saved):
                     variable.assign(value)
                 optimizer.learning_rate = learning_rate * multiplier
+                # On JAX, `train_on_batch` writes its state back itself.
                 model.train_on_batch(self.x[rows], self.y[rows])
-                sync_trainer_state(model)
                 losses.append(self.probe_loss())
         finally:
             for variable, value in zip(variables, saved):

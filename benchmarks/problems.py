@@ -39,11 +39,26 @@ from _data import digits  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
+class Cost:
+    """A problem's expected time on 2 CPU cores (JAX), for the progress ETA.
+
+    `step_ms`: milliseconds per training step (Adam; SOAA's variants take
+    `runner.SOAA_STEP_FACTOR` times that); `run_s`: seconds per run besides
+    the steps (fresh weights and optimizer state, the held-out metric);
+    `compile_s`: seconds to compile a model (with its warm-up `fit`).
+    """
+
+    step_ms: float = 1.0
+    run_s: float = 0.2
+    compile_s: float = 3.0
+
+
+@dataclasses.dataclass(frozen=True)
 class Problem:
     """One benchmark problem.
 
     `build_model(seed)` returns an uncompiled model (call it right after
-    `keras.utils.set_random_seed(seed)`); `stream(seed, steps)` returns the
+    `runner.seed_everything(seed)`); `stream(seed, steps)` returns the
     `(x, y)` of `steps` batches of `batch_size`, in training order;
     `held_out(model)` returns the held-out metric or `None`.
     """
@@ -67,6 +82,8 @@ class Problem:
     # `TrustRegionCallback` (and the benchmark's recorder) reads from it
     # accurate in float32.
     steps_per_epoch: int = 25
+    # The expected time of its runs (the progress line's ETA weighs by it).
+    cost: Cost = Cost()
 
 
 def log_grid(low_exponent, count, per_decade=4):
@@ -426,12 +443,28 @@ DEFAULT_STEPS = {
 }
 
 
+# Priors for the progress line's ETA (`Cost`), measured on 2 CPU cores with
+# JAX (Adam; `compile_s` includes the first run's retrace); the ETA corrects
+# their scale with the times it measures, as a loaded machine is slower.
+COSTS = {
+    "digits": Cost(step_ms=0.25, run_s=0.05, compile_s=2.0),
+    "breast_cancer": Cost(step_ms=0.17, run_s=0.04, compile_s=1.5),
+    "quadratic": Cost(step_ms=0.16, run_s=0.04, compile_s=1.2),
+    "rosenbrock": Cost(step_ms=0.10, run_s=0.04, compile_s=1.0),
+    "char_lm": Cost(step_ms=40.0, run_s=0.3, compile_s=9.0),
+    "digits_cnn": Cost(step_ms=5.5, run_s=0.2, compile_s=4.0),
+}
+# `char_lm`'s smaller Transformer of `--quick`.
+QUICK_CHAR_LM_COST = Cost(step_ms=5.5, run_s=0.2, compile_s=8.0)
+
+
 def make_problem(name, steps=None, quick=False):
     """Returns the problem `name`, trained for `steps` (default: its own)."""
     steps = steps or DEFAULT_STEPS[name]
     if name == "char_lm" and quick:
         # A smaller Transformer: the quick run is dominated by compilation.
-        return _char_lm_problem(steps, seq_len=32, dim=32, layers=1)
+        problem = _char_lm_problem(steps, seq_len=32, dim=32, layers=1)
+        return dataclasses.replace(problem, cost=QUICK_CHAR_LM_COST)
     builders = {
         "digits": _digits_problem,
         "breast_cancer": _breast_cancer_problem,
@@ -440,4 +473,4 @@ def make_problem(name, steps=None, quick=False):
         "char_lm": _char_lm_problem,
         "digits_cnn": _digits_cnn_problem,
     }
-    return builders[name](steps)
+    return dataclasses.replace(builders[name](steps), cost=COSTS[name])

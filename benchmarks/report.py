@@ -1,6 +1,8 @@
 """Plots and the markdown report of a benchmark run.
 
-    python benchmarks/report.py runs/benchmark   # redraw from results.json
+    python benchmarks/report.py [DIR]   # redraw DIR's report from its results.json
+
+(default DIR: the newest run under runs/benchmark, full mode first.)
 """
 
 import io
@@ -14,7 +16,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from compare import RECOMMENDED  # noqa: E402
 from matplotlib import ticker  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 NAMES = {
     "soaa": "SOAA",
@@ -41,19 +45,22 @@ NAMES = {
     "soaa_ratio_log_t": "SOAA-ratio-log (0.25)",
     "soaa_ratio_log_t_cosine": "SOAA-ratio-log (0.25) + cosine",
 }
+# Fixed colours per optimizer: matplotlib's tab10, so the five curves of a
+# panel (`plotted`) always differ; *_cosine variants are also dashed. The
+# SOAA variants not plotted by default (and the prototypes) reuse colours.
 COLORS = {
-    "soaa": "tab:red",
-    "soaa_cosine": "tab:orange",
-    "soaa_hd": "tab:pink",
-    "soaa_hd_cosine": "tab:gray",
-    "soaa_gr": "darkgreen",
-    "soaa_gr_cosine": "lime",
     "adam": "tab:blue",
-    "adam_cosine": "tab:cyan",
+    "soaa": "tab:orange",
     "adamw": "tab:green",
+    "soaa_hd": "tab:red",
     "schedulefree": "tab:purple",
     "muon": "tab:brown",
+    "soaa_cosine": "tab:pink",
+    "soaa_hd_cosine": "tab:gray",
     "lion": "tab:olive",
+    "adam_cosine": "tab:cyan",
+    "soaa_gr": "tab:pink",
+    "soaa_gr_cosine": "tab:gray",
     "soaa_ratio": "darkred",
     "soaa_ratio_cosine": "salmon",
     "soaa_ratio_log": "darkgoldenrod",
@@ -73,8 +80,10 @@ SOAA_VARIANTS = ("soaa", "soaa_cosine", "soaa_hd", "soaa_hd_cosine",
 # [min_radius, max_radius], stored in each run's record.
 HYPERGRADIENT_VARIANTS = ("soaa_hd", "soaa_hd_cosine", "soaa_gr",
                           "soaa_gr_cosine", *DESIGN_VARIANTS)
-# The loss and sweep panels show SOAA's variants and this many of the others,
-# the strongest first (every optimizer stays in the tables).
+# Every panel shows at most `MAX_CURVES` optimizers (`plotted`): the
+# recommended SOAA, the paper's `soaa`, Adam and the `PLOTTED_OTHERS`
+# strongest other optimizers (every optimizer stays in the tables).
+MAX_CURVES = 5
 PLOTTED_OTHERS = 2
 RADIUS_BOUND = 0.1  # SOAA's default `radius_bound` (γ), used by every run
 
@@ -342,45 +351,99 @@ def _plain_log_ticks(axis):
     target.set_minor_formatter(ticker.FuncFormatter(minor))
 
 
-def plotted(summary):
-    """SOAA's variants and the `PLOTTED_OTHERS` strongest other optimizers."""
-    others = [o for o in ranking(summary) if o not in SOAA_VARIANTS]
-    keep = set(others[:PLOTTED_OTHERS]) | set(SOAA_VARIANTS)
-    return [o for o in ranking(summary) if o in keep]
+def plotted(summary, recommended=RECOMMENDED):
+    """The optimizers a panel shows, at most `MAX_CURVES`, best first.
+
+    The recommended SOAA configuration, the paper's `soaa` and Adam (those
+    that ran), then the strongest of the other optimizers that are not SOAA
+    variants (`PLOTTED_OTHERS` of them when the three ran; more, up to
+    `MAX_CURVES`, when some did not), then, if room is left, the strongest
+    other SOAA variants.
+    """
+    order = ranking(summary)
+    fixed = [o for o in (recommended, "soaa", "adam") if o in summary]
+    peers = [o for o in order if o not in fixed and o not in SOAA_VARIANTS]
+    rest = [o for o in order if o not in fixed and o in SOAA_VARIANTS]
+    keep = set(fixed) | set((peers + rest)[:MAX_CURVES - len(fixed)])
+    return [o for o in order if o in keep]
 
 
 def _short(optimizer):
     return NAMES[optimizer].replace(" + cosine", "+cos")
 
 
+def _style(optimizer):
+    """Line width and style: the recommended SOAA bold, schedules dashed."""
+    return {"lw": 2.2 if optimizer == RECOMMENDED else 1.4,
+            "ls": "--" if optimizer.endswith("_cosine") else "-"}
+
+
+def wall_clock(records):
+    """The seeds' mean seconds since each run's first step, per step.
+
+    Starting at the first step's end leaves out what the first step alone
+    pays (a compilation or a retrace), for every optimizer and seed alike.
+    """
+    return np.mean([np.asarray(r["time"], "float64") - r["time"][0]
+                    for r in records], axis=0)
+
+
 def plot_problem(name, entry, summary, path):
+    """Loss vs step and vs wall-clock, the sweep and the radius, one PNG.
+
+    Every panel shows the same optimizers (`plotted`, at most `MAX_CURVES`)
+    in the same fixed colours; one legend below the panels names them and
+    the radius bounds, so no legend covers data.
+    """
     info = entry["problem"]
     steps = info["steps"]
     window = 1 if info["exact_gradients"] else max(1, steps // 50)
-    figure, axes = plt.subplots(2, 2, figsize=(11, 7.6))
-    (by_step, by_time), (by_lr, radius) = axes
     shown = plotted(summary)
+    handles = []
     for optimizer in shown:
         item = summary[optimizer]
-        color, label = COLORS[optimizer], NAMES[optimizer]
-        label = f"#{item['rank']} {label} (lr {item['lr']:g})"
+        label = f"#{item['rank']} {NAMES[optimizer]} (lr {item['lr']:g})"
+        if item["final"]["diverged"]:
+            label = f"#{item['rank']} {NAMES[optimizer]} (diverged)"
+        handles.append(Line2D([], [], color=COLORS[optimizer],
+                              label=label, **_style(optimizer)))
+    variants = [o for o in shown if o in SOAA_VARIANTS
+                and not summary[o]["final"]["diverged"]]
+    paper_bounds = any(o not in HYPERGRADIENT_VARIANTS for o in variants)
+    hd_bounds = sorted({tuple(summary[o]["radius_bounds"]) for o in variants
+                        if o in HYPERGRADIENT_VARIANTS
+                        and summary[o].get("radius_bounds")})
+    if paper_bounds:
+        handles.append(Line2D([], [], color="k", ls="--", lw=1,
+                              label="radius bounds (paper): (1−γ)^e, 1+γ^e"))
+    if hd_bounds:
+        handles.append(Line2D([], [], color="k", ls=":", lw=1,
+                              label="radius bounds: min/max_radius"))
+    columns = 3
+    rows = -(-len(handles) // columns)
+    height = 7.6 + 0.3 * rows
+    figure, axes = plt.subplots(2, 2, figsize=(11, height))
+    (by_step, by_time), (by_lr, radius) = axes
+
+    for optimizer in shown:
+        item = summary[optimizer]
         if item["final"]["diverged"]:
             continue
+        color, style = COLORS[optimizer], _style(optimizer)
         curves = _smoothed(item["runs"], "loss", window)
         mean = curves.mean(0)
         step_axis = np.arange(1, steps + 1)
-        time_axis = np.mean([r["time"] for r in item["runs"]], axis=0)
+        time_axis = wall_clock(item["runs"])
         for axis, x in ((by_step, step_axis), (by_time, time_axis)):
-            axis.plot(x, mean, color=color, label=label, lw=1.4)
+            axis.plot(x, mean, color=color, **style)
             axis.fill_between(x, curves.min(0), curves.max(0), color=color,
-                              alpha=0.2, lw=0)
+                              alpha=0.15, lw=0)
     smoothing = "" if window == 1 else f", {window}-step moving average"
     by_step.set(xlabel="step", ylabel="training loss", yscale="log",
                 title=f"loss vs step (mean, min-max over seeds{smoothing})")
-    by_time.set(xlabel="wall-clock seconds (compiled, incl. callbacks)",
-                ylabel="training loss", yscale="log",
-                title="training loss vs wall-clock")
-    by_step.legend(fontsize=8)
+    by_time.set(xlabel="seconds since the first step (compiled; callbacks "
+                "included)", ylabel="training loss", yscale="log",
+                title="training loss vs wall-clock (compilation excluded)")
 
     for optimizer in shown:
         item = summary[optimizer]
@@ -396,49 +459,39 @@ def plot_problem(name, entry, summary, path):
         error = [[y[j] - lows[i] for j, i in enumerate(finite)],
                  [highs[i] - y[j] for j, i in enumerate(finite)]]
         by_lr.errorbar(x, y, yerr=error, color=COLORS[optimizer], marker="o",
-                       ms=4, capsize=3, label=NAMES[optimizer])
+                       ms=4, capsize=3, **_style(optimizer))
         if not item["final"]["diverged"]:
             by_lr.plot([item["lr"]], [item["final"]["mean"]], marker="*",
                        ms=14, color=COLORS[optimizer], ls="none")
     by_lr.set(xscale="log", yscale="log", xlabel="learning rate",
               ylabel="final training loss",
               title="learning-rate sweep (mean, min-max; ★ tuned)")
-    by_lr.legend(fontsize=8)
 
-    variants = [o for o in SOAA_VARIANTS
-                if o in summary and not summary[o]["final"]["diverged"]]
     if variants:
         x = np.arange(1, steps + 1)
         titles = []
         for optimizer in variants:
             item = summary[optimizer]
-            for i, record in enumerate(item["runs"]):
+            for record in item["runs"]:
                 radius.plot(x, record["radius"], color=COLORS[optimizer],
-                            lw=0.8, alpha=0.7,
-                            label=f"{NAMES[optimizer]} (lr {item['lr']:g})"
-                            if i == 0 else None)
+                            lw=0.9, alpha=0.7,
+                            ls=_style(optimizer)["ls"])
             on_lower, on_upper = item["bounds"]
             titles.append(f"{_short(optimizer)}: {on_lower:.0%} / "
                           f"{on_upper:.0%}")
-        if any(o not in HYPERGRADIENT_VARIANTS for o in variants):
+        if paper_bounds:
             lower, upper = radius_bounds(steps, steps)
-            radius.plot(x, lower, "k--", lw=1, label="paper: (1−γ)^e, 1+γ^e")
+            radius.plot(x, lower, "k--", lw=1)
             radius.plot(x, upper, "k--", lw=1)
-        hd_bounds = {tuple(summary[o]["radius_bounds"]) for o in variants
-                     if o in HYPERGRADIENT_VARIANTS
-                     and summary[o].get("radius_bounds")}
-        for k, (low, high) in enumerate(sorted(hd_bounds)):
-            radius.axhline(low, color="k", ls=":", lw=1,
-                           label="HD: min/max_radius" if k == 0 else None)
+        for low, high in hd_bounds:
+            radius.axhline(low, color="k", ls=":", lw=1)
             radius.axhline(high, color="k", ls=":", lw=1)
         if hd_bounds:
             radius.set_yscale("log")
             radius.yaxis.set_major_formatter(
                 ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        pairs = [", ".join(titles[i:i + 2]) for i in range(0, len(titles), 2)]
-        radius.set_title("radius d, one line per seed; on lower / upper bound:"
-                         "\n" + "\n".join(pairs), fontsize=9)
-        radius.legend(fontsize=7, loc="best")
+        radius.set_title("radius d, one line per seed\non lower / upper "
+                         "bound: " + ", ".join(titles), fontsize=10)
     else:
         radius.text(0.5, 0.5, "SOAA not run (or diverged)", ha="center",
                     transform=radius.transAxes)
@@ -455,11 +508,13 @@ def plot_problem(name, entry, summary, path):
     by_lr.xaxis.set_minor_locator(ticker.NullLocator())
     hidden = len(summary) - len(shown)
     figure.suptitle(
-        name + (f": SOAA's variants and the {PLOTTED_OTHERS} strongest others "
-                f"(#rank by final train loss of {len(summary)}; all in the "
-                "report)" if hidden else ""),
+        name + (f": {len(shown)} of {len(summary)} optimizers (#rank by final "
+                "train loss; all in the report)" if hidden else ""),
         fontsize=12)
-    figure.tight_layout()
+    legend_height = (0.3 * rows + 0.25) / height
+    figure.legend(handles=handles, loc="lower center", ncol=columns,
+                  fontsize=9, frameon=False, bbox_to_anchor=(0.5, 0.0))
+    figure.tight_layout(rect=(0, legend_height, 1, 1))
     save_small_png(figure, path)
     plt.close(figure)
 
@@ -554,7 +609,8 @@ def verdict_line(name, summary):
     if best is None:
         return None
     parts = []
-    for soaa in SOAA_VARIANTS:
+    # The recommended configuration first.
+    for soaa in sorted(SOAA_VARIANTS, key=lambda o: o != RECOMMENDED):
         found = verdict(summary, soaa)
         if found:
             word, other = found
@@ -647,6 +703,28 @@ def targets_section(summaries):
     return lines + [""]
 
 
+def versions_text(versions):
+    """"keras-soaa **0.3.2** (keras 3.15.1, jax 0.10.2)": the versions the
+    run had installed (`runner.versions()`, read when it ran)."""
+    others = ", ".join(f"{k} {v}" for k, v in versions.items()
+                       if k != "keras-soaa")
+    return (f"keras-soaa **{versions.get('keras-soaa', '?')}**"
+            + (f" ({others})" if others else ""))
+
+
+def merged_text(config):
+    """A line naming the runs `--merge` took from another folder, with the
+    versions that made them."""
+    merged = config.get("merged_from")
+    if not merged or not merged["optimizers"]:
+        return []
+    made = merged.get("versions")
+    return [f"Runs of {', '.join(NAMES[o] for o in merged['optimizers'])} "
+            f"merged from `{merged['folder']}`"
+            + (f", made with {versions_text(made)}" if made else "")
+            + ".", ""]
+
+
 def write(results, config, out_dir):
     """Writes `report.md` and one PNG per problem; returns the file names."""
     summaries = {name: summarize(entry) for name, entry in results.items()}
@@ -656,17 +734,20 @@ def write(results, config, out_dir):
                      os.path.join(out_dir, f"{name}.png"))
         written.append(f"{name}.png")
 
-    versions = ", ".join(f"{k} {v}" for k, v in config["versions"].items())
     seeds = config["seeds"]
     run = [NAMES[o] for o in config["optimizers"]]
+    mode = config.get("mode", "quick" if config["quick"] else None)
     lines = [
         "# SOAA against Keras' optimizers",
         "",
-        f"`{config['command'].strip()}`: backend **{config['backend']}** "
-        f"({versions}), {config['machine']}, {len(seeds)} seed(s) "
+        f"`{config['command'].strip()}`: "
+        + (f"{mode} mode, " if mode else "")
+        + f"{versions_text(config['versions'])}, backend "
+        f"**{config['backend']}**, {config['machine']}, {len(seeds)} seed(s) "
         f"({', '.join(map(str, seeds))}), {config['minutes']:.1f} minutes"
         f"{' (quick smoke run: numbers mean nothing)' if config['quick'] else ''}.",
         "",
+        *merged_text(config),
         f"Optimizers: {', '.join(run)}. Every optimizer gets the same "
         "learning-rate grid, seeds (a seed fixes the initial weights and the "
         "batch order) and steps, through `model.fit`; SOAA with "
@@ -776,7 +857,13 @@ def write(results, config, out_dir):
 
 
 if __name__ == "__main__":
-    folder = sys.argv[1] if len(sys.argv) > 1 else os.path.join("runs", "benchmark")
+    import compare
+
+    folder = sys.argv[1] if len(sys.argv) > 1 else compare.latest_run(
+        modes=("full", "default", "quick"))
+    if folder is None:
+        raise SystemExit(f"no results.json under {compare.RUNS}; name a "
+                         "folder: python benchmarks/report.py DIR")
     with open(os.path.join(folder, "results.json")) as file:
         saved = json.load(file)
     print(write(saved["results"], saved["config"], folder))

@@ -1,5 +1,6 @@
 """Trains one (problem, optimizer) pair over the learning-rate grid and seeds."""
 
+import random
 import re
 import time
 
@@ -113,6 +114,20 @@ def make_optimizer(name, learning_rate, steps=None, model=None):
     raise ValueError(f"unknown optimizer {name!r}")
 
 
+def slot_variable(optimizer, variable, slot):
+    """The optimizer variable `slot` ("momentum", "velocity") of `variable`.
+
+    Found among the public `optimizer.variables` by name: Keras'
+    `add_variable_from_reference` names a slot `<variable.path with "/" as
+    "_">_<slot>` (SOAA's moments follow the same rule).
+    """
+    name = f"{variable.path.replace('/', '_')}_{slot}"
+    found = [v for v in optimizer.variables if v.name == name]
+    if len(found) != 1:
+        raise LookupError(f"{len(found)} optimizer variables named {name!r}")
+    return found[0]
+
+
 def schedule_free_x(optimizer, variables):
     """ScheduleFreeAdamW's averaged point x, as NumPy arrays, per variable.
 
@@ -127,7 +142,7 @@ def schedule_free_x(optimizer, variables):
     beta_1 = float(optimizer.beta_1)
     points = []
     for variable in variables:
-        z = optimizer._momentums[optimizer._get_variable_index(variable)]
+        z = slot_variable(optimizer, variable, "momentum")
         y = ops.convert_to_numpy(variable).astype("float64")
         z = ops.convert_to_numpy(z).astype("float64")
         points.append(((y - (1 - beta_1) * z) / beta_1).astype(variable.dtype))
@@ -151,13 +166,26 @@ def evaluate_at(model, values, function):
             variable.assign(value)
 
 
+def loss_metric(model):
+    """The `keras.metrics.Mean` behind `fit`'s `logs["loss"]`.
+
+    Public as the metric named "loss" of the compiled model's `metrics`.
+    """
+    for metric in model.metrics:
+        if metric.name == "loss":
+            return metric
+    raise LookupError("the model has no metric named 'loss' (not compiled?)")
+
+
 class Recorder(keras.callbacks.Callback):
     """Records, per batch: its training loss, the time, and SOAA's radius.
 
     `logs["loss"]` is the epoch's running mean; the batch's own loss is read
-    from the change of `fit`'s loss tracker, as `TrustRegionCallback` does.
-    The radius comes from `logs["radius"]`, which `TrustRegionCallback`
-    (listed before this callback) adds.
+    from the change of `fit`'s loss metric (its `total` and `count`), as
+    `TrustRegionCallback` does. On JAX, reading `self.model` (Keras'
+    `Callback.model`) writes the trainer's state back into the variables
+    first. The radius comes from `logs["radius"]`, which
+    `TrustRegionCallback` (listed before this callback) adds.
 
     With `probe_every=k`, every k-th batch it also measures which share of
     SOAA's weights are in the Fisher regime (see `fisher_share`); the time
@@ -171,51 +199,72 @@ class Recorder(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self.losses, self.times, self.radii, self.fisher = [], [], [], []
         self.probe_seconds = 0.0
-        self._start = time.perf_counter()
+        self.start = time.perf_counter()
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._seen_total = self._seen_count = 0.0
+        self.seen_total = self.seen_count = 0.0
 
     def on_train_batch_end(self, batch, logs=None):
-        sync = getattr(self.model, "jax_state_sync", None)
-        if sync is not None:
-            sync()
-        tracker = self.model._loss_tracker
+        model = self.model  # on JAX: syncs the trainer's state
+        tracker = loss_metric(model)
         total = float(ops.convert_to_numpy(tracker.total))
         count = float(ops.convert_to_numpy(tracker.count))
-        self.losses.append((total - self._seen_total) / (count - self._seen_count))
-        self._seen_total, self._seen_count = total, count
-        self.times.append(time.perf_counter() - self._start - self.probe_seconds)
+        self.losses.append((total - self.seen_total) / (count - self.seen_count))
+        self.seen_total, self.seen_count = total, count
+        self.times.append(time.perf_counter() - self.start - self.probe_seconds)
         if logs and "radius" in logs:
             self.radii.append(float(logs["radius"]))
         if self.probe_every and (len(self.losses) - 1) % self.probe_every == 0:
             start = time.perf_counter()
-            self.fisher.append(fisher_share(self.model.optimizer))
+            self.fisher.append(fisher_share(model.optimizer,
+                                            model.trainable_variables))
             self.probe_seconds += time.perf_counter() - start
 
 
-def fisher_share(optimizer):
+def fisher_share(optimizer, variables):
     """The share of weights whose next SOAA step is in the Fisher regime.
 
     SOAA divides d·m̂ by r = max(d·F, √v̂) with F = c·v̂. Where √v̂ wins, the
     step is Adam's times the radius d; where d·c·v̂ wins (√v̂ > 1/(d·c), large
     gradients), it is m̂/(c·v̂) and d cancels. Computed from the optimizer's
-    current m, v, radius and iterations, per the spec's formulas.
+    current m, v (its "momentum" and "velocity" variables of `variables`),
+    radius and iterations, per the spec's formulas.
     """
-    moments = getattr(optimizer, "_momentums", None)
-    velocities = getattr(optimizer, "_velocities", None)
-    if moments is None or velocities is None:
+    if not isinstance(optimizer, keras_soaa.SOAA):
         return None
     t = float(ops.convert_to_numpy(optimizer.iterations))
     d = float(ops.convert_to_numpy(optimizer.radius))
     fisher = total = 0
-    for m, v in zip(moments, velocities):
+    for variable in variables:
+        m = slot_variable(optimizer, variable, "momentum")
+        v = slot_variable(optimizer, variable, "velocity")
         m_hat = ops.convert_to_numpy(m).astype("float64") / (1 - optimizer.beta_1**t)
         v_hat = ops.convert_to_numpy(v).astype("float64") / (1 - optimizer.beta_2**t)
         c = 1 + np.sum(m_hat**2) / np.sum(v_hat + optimizer.epsilon)
         fisher += int(np.sum(d * c * v_hat > np.sqrt(v_hat)))
         total += v_hat.size
     return fisher / total
+
+
+def seed_everything(seed):
+    """What `keras.utils.set_random_seed` does, without importing TensorFlow.
+
+    Keras' utility also seeds TensorFlow whenever it is installed, which
+    imports it (seconds, and its log lines) on JAX and torch too. The
+    benchmark needs Python's and NumPy's generators (Keras' initializers
+    draw their seeds from Python's `random`) and torch's on torch; nothing
+    in it draws from Keras' global `SeedGenerator` (`keras.random` calls
+    without a seed), which Keras' utility also resets.
+    """
+    if keras.backend.backend() == "tensorflow":
+        keras.utils.set_random_seed(seed)
+        return
+    random.seed(seed)
+    np.random.seed(seed)
+    if keras.backend.backend() == "torch":
+        import torch
+
+        torch.manual_seed(seed)
 
 
 def steps_per_epoch(problem):
@@ -237,7 +286,7 @@ def _fit(model, problem, optimizer_name, x, y, steps, chunk):
 
 def _fresh_start(model, problem, optimizer_name, learning_rate, seed):
     """Puts seed-initialised weights and a fresh optimizer state in `model`."""
-    keras.utils.set_random_seed(seed)
+    seed_everything(seed)
     fresh = problem.build_model(seed)
     model.set_weights(fresh.get_weights())
     optimizer = make_optimizer(optimizer_name, learning_rate, problem.steps,
@@ -256,7 +305,7 @@ def _fresh_start(model, problem, optimizer_name, learning_rate, seed):
 def _compiled_model(problem, optimizer_name, learning_rate, seed, chunk,
                     run_eagerly=False):
     """A new compiled model, warmed up (compiled) by a short `fit`."""
-    keras.utils.set_random_seed(seed)
+    seed_everything(seed)
     model = problem.build_model(seed)
     model.compile(
         optimizer=make_optimizer(optimizer_name, learning_rate, problem.steps,
@@ -314,15 +363,123 @@ def final_window(steps):
     return max(1, steps // 10)
 
 
-class Counter:
-    """Numbers the progress lines."""
+# SOAA's variants' time per step over the others' (`TrustRegionCallback`).
+SOAA_STEP_FACTOR = 1.8
 
-    def __init__(self, total):
-        self.total, self.done = total, 0
 
-    def next(self):
+def run_cost(problem, optimizer_name, compiled=False):
+    """The expected seconds of one run (2 CPU cores, JAX): the ETA's weight.
+
+    `problem.cost` holds the problem's priors (`problems.Cost`): seconds per
+    step, per run (fresh start, held-out metric) and per compilation; SOAA's
+    variants take `SOAA_STEP_FACTOR` times as long per step (their
+    callback). Only the ratios matter much: the ETA rescales them by the
+    times measured so far.
+    """
+    cost = problem.cost
+    per_step = cost.step_ms / 1000 * (SOAA_STEP_FACTOR if is_soaa(optimizer_name)
+                                      else 1.0)
+    seconds = cost.run_s + problem.steps * per_step
+    if compiled:
+        seconds += cost.compile_s
+    return seconds
+
+
+def compiles(optimizer_name, learning_rates, seeds, reuse=True):
+    """For each run of `sweep`, in its order: whether it compiles a model."""
+    out = []
+    for k, _ in enumerate(learning_rates):
+        for j, _ in enumerate(seeds):
+            out.append(not reuse or j == 0 and (k == 0
+                                                or is_scheduled(optimizer_name)))
+    return out
+
+
+def sweep_cost(problem, optimizer_name, learning_rates, seeds, reuse=True):
+    """The expected seconds of `sweep(...)`: the sum of its `run_cost`s."""
+    return sum(run_cost(problem, optimizer_name, c)
+               for c in compiles(optimizer_name, learning_rates, seeds, reuse))
+
+
+def clock_text(seconds):
+    """`m:ss`, or `h:mm:ss` from an hour."""
+    seconds = int(round(max(0.0, seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return f"{hours}:{minutes:02d}:{seconds:02d}"
+    return f"{minutes}:{seconds:02d}"
+
+
+# `Progress`: the weight of the overall rate in a problem's own, as a share
+# of the problem's planned cost.
+PRIOR_SHARE = 0.25
+
+
+class Progress:
+    """Numbers the progress lines, with the elapsed and the remaining time.
+
+    Each run counts by its expected cost (`run_cost`), not as one: a
+    Transformer run weighs a hundred quadratic ones. `plan(problem, cost)`
+    announces the work ahead, per problem; the remaining time is each
+    problem's remaining expected cost times the seconds per unit of cost
+    measured so far: on that problem, blended with the overall rate (which
+    corrects the priors' scale for the machine) while little of it ran.
+    The share printed is of the expected time, elapsed + remaining.
+    """
+
+    def __init__(self, total_runs=None, clock=time.perf_counter):
+        self.clock = clock
+        self.start = self.last = clock()
+        self.total_runs = total_runs
+        self.done = self.planned_runs = 0
+        self.planned = {}  # problem -> expected cost, all its runs
+        self.spent = {}  # problem -> [seconds, cost, runs] done
+
+    def plan(self, problem, cost, runs=1):
+        """Announces `runs` runs of `problem` expected to cost `cost` in all."""
+        self.planned[problem] = self.planned.get(problem, 0.0) + cost
+        self.planned_runs += runs
+
+    def elapsed(self):
+        return self.clock() - self.start
+
+    def remaining(self):
+        """Estimated seconds left (before the first run: the priors' sum)."""
+        seconds = sum(s for s, _, _ in self.spent.values())
+        cost = sum(c for _, c, _ in self.spent.values())
+        overall = seconds / cost if cost > 0 else 1.0
+        left = 0.0
+        for problem, planned in self.planned.items():
+            spent_s, spent_cost, _ = self.spent.get(problem, (0.0, 0.0, 0))
+            # The problem's own rate, weighed against the overall one as if
+            # a quarter of the problem had run at it (steady after a few
+            # runs, not thrown by a compilation among the first).
+            prior = PRIOR_SHARE * planned
+            rate = ((spent_s + prior * overall) / (spent_cost + prior)
+                    if spent_cost + prior > 0 else overall)
+            left += max(0.0, planned - spent_cost) * rate
+        return left
+
+    def next(self, problem="", cost=1.0):
+        """Counts one run of `problem` that was expected to cost `cost`."""
+        now = self.clock()
+        entry = self.spent.setdefault(problem, [0.0, 0.0, 0])
+        entry[0] += now - self.last
+        entry[1] += cost
+        entry[2] += 1
+        self.last = now
         self.done += 1
-        return f"[{self.done:>{len(str(self.total))}}/{self.total}]"
+        total = max(self.total_runs or self.planned_runs, self.done)
+        elapsed, left = self.elapsed(), self.remaining()
+        # The share of the expected time, not of the runs.
+        share = elapsed / (elapsed + left) if elapsed + left > 0 else 1.0
+        return (f"[{self.done:>{len(str(total))}}/{total} {share:4.0%}, "
+                f"{clock_text(elapsed)} elapsed, ~{clock_text(left)} left]")
+
+
+# The old name: it numbers the lines too.
+Counter = Progress
 
 
 def sweep(problem, optimizer_name, learning_rates, seeds, reuse=True,
@@ -332,12 +489,19 @@ def sweep(problem, optimizer_name, learning_rates, seeds, reuse=True,
     With `reuse`, one compiled model serves every run; for an optimizer with a
     learning-rate schedule (fixed at construction, not an optimizer variable
     that a fresh start can copy) one compiled model serves every seed of a
-    rate.
+    rate. `counter`: a `Progress` shared by every sweep of a benchmark (it
+    should have `plan`ned this sweep); else one for this sweep alone.
     """
-    counter = counter or Counter(len(learning_rates) * len(seeds))
+    plan = compiles(optimizer_name, learning_rates, seeds, reuse)
+    if counter is None:
+        counter = Progress()
+        counter.plan(problem.name, sweep_cost(problem, optimizer_name,
+                                              learning_rates, seeds, reuse),
+                     len(plan))
     chunk = steps_per_epoch(problem)
     model = None
     runs = {}
+    index = 0
     for learning_rate in learning_rates:
         runs[repr(learning_rate)] = []
         if is_scheduled(optimizer_name):
@@ -348,8 +512,11 @@ def sweep(problem, optimizer_name, learning_rates, seeds, reuse=True,
                                         seed, chunk)
             record = run(model, problem, optimizer_name, learning_rate, seed)
             runs[repr(learning_rate)].append(record)
-            print(progress_line(counter.next(), problem, optimizer_name,
-                                learning_rate, record), flush=True)
+            cost = run_cost(problem, optimizer_name, plan[index])
+            index += 1
+            print(progress_line(counter.next(problem.name, cost), problem,
+                                optimizer_name, learning_rate, record),
+                  flush=True)
     return runs
 
 
@@ -384,13 +551,15 @@ def describe(problem, learning_rates):
 
 
 def versions():
+    """The installed versions: keras-soaa (`keras_soaa.__version__`), Keras
+    and the backend's framework, read when the benchmark runs."""
     import importlib
 
     backend = keras.backend.backend()
     return {
+        "keras-soaa": keras_soaa.__version__,
         "keras": keras.__version__,
         backend: importlib.import_module(backend).__version__,
-        "keras-soaa": keras_soaa.__version__,
     }
 
 

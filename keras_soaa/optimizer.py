@@ -69,9 +69,9 @@ class SOAA(keras.optimizers.Optimizer):
         total_steps: `None` or an integer >= 1, set by `TrustRegionCallback`
             from `fit` when `None`. Defaults to `None`.
         initial_radius: Float > 0: `d` before it adapts. Defaults to `1.0`.
-        controller: A registered name (`"paper"`, `"hypergradient"`,
-            `"gradient_ratio"`) or a `keras_soaa.controllers.Controller`.
-            Defaults to `"paper"`.
+        controller: A registered name (`keras_soaa.controllers.names()`)
+            or a `keras_soaa.controllers.Controller`. Defaults to the
+            paper's (`keras_soaa.controllers.DEFAULT`).
         radius_learning_rate: Float >= 0: the gradient-driven controllers'
             step on `log d`. Defaults to `0.05`.
         min_radius: Float > 0: their lower bound on `d`. Defaults to `0.1`.
