@@ -394,7 +394,7 @@ def test_golden_file_restores_its_state(source):
     config = json_round_trip(optimizer.get_config())
     # Arguments added since the file was written take their defaults.
     added = dict(controller="paper", radius_learning_rate=0.05,
-                 min_radius=0.1, max_radius=10.0)
+                 min_radius=0.1, max_radius=10.0, fused=None)
     assert config == {**info["optimizer_config"], **added}
     assert config["state_layout_version"] == info["state_layout_version"] == 1
     for key, value in GOLDEN_CONFIG[source].items():
