@@ -20,7 +20,7 @@ overrides the mode's value):
   default optimizer: the README's tables (about 30 minutes on 2 cores).
 - `--quick`: a smoke run of every problem with SOAA-HD, SOAA, Adam and
   ScheduleFreeAdamW: 1 seed, the two middle rates of each grid, 10 steps
-  (under a minute; its numbers mean nothing).
+  (about a minute; its numbers mean nothing).
 
 Optimizers:
 
@@ -133,7 +133,7 @@ MODES = {
         seeds=3, steps=None, grid="full"),
     "quick": Mode(
         "quick",
-        "a smoke run of every problem (under a minute; numbers mean "
+        "a smoke run of every problem (about a minute; numbers mean "
         "nothing)",
         problems=None,
         optimizers=(RECOMMENDED, "soaa", "adam", "schedulefree"),

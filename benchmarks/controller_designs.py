@@ -34,25 +34,34 @@ def parse_args(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--designs", default=",".join(DEFAULT_DESIGNS))
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--reference", default=os.path.join("runs", "benchmark"))
+    parser.add_argument("--reference", default=None,
+                        help="a full compare.py run (default: the newest)")
     parser.add_argument("--dir", default=os.path.join("runs", "designs"))
     parser.add_argument("--aggregate-only", action="store_true")
     parser.add_argument("--out", default=os.path.join(
         HERE, "results", "controller_designs.md"))
     args = parser.parse_args(argv)
     args.designs = [name.strip() for name in args.designs.split(",")]
+    if args.reference is None:
+        import compare
+
+        args.reference = compare.latest_run(modes=("full",))
+        if args.reference is None:
+            parser.error("no full run under runs/benchmark: run "
+                         "`python benchmarks/compare.py --full` or pass --reference")
     return args
 
 
 def main(argv=None):
-    args = parse_args(argv)
     if HERE not in sys.path:
         sys.path.insert(0, HERE)
+    args = parse_args(argv)
     import compare
 
     if not args.aggregate_only:
         for name in args.designs:
-            compare.main(["--seeds", str(args.seeds), "--optimizers", name,
+            compare.main(["--full", "--overwrite", "--seeds", str(args.seeds),
+                          "--optimizers", name,
                           "--out", os.path.join(args.dir, "full_" + name)])
     text = aggregate(args)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -61,7 +61,8 @@ def main(argv=None):
         sys.path.insert(0, HERE)
     import compare
 
-    common = ["--problems", args.problems, "--seeds", str(args.seeds)]
+    common = ["--problems", args.problems, "--seeds", str(args.seeds),
+              "--overwrite"]
     if not args.aggregate_only:
         compare.main(common + ["--optimizers", ",".join(REFERENCES),
                                "--out", os.path.join(args.dir, "base")])
