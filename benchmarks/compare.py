@@ -85,11 +85,13 @@ OPTIMIZERS = ("soaa", "soaa_cosine", "soaa_hd", "soaa_hd_cosine", "soaa_gr",
 # The SOAA configuration the package recommends: the report's verdict and
 # plots lead with it. One place, so it can change.
 RECOMMENDED = "soaa_hd"
-# Issue 17's prototype controllers (`designs.py`), run only when named.
+# The prototype controllers and configurations of `designs.VARIANTS`, run
+# only when named.
 DESIGN_OPTIMIZERS = tuple(
     name + suffix
     for name in ("soaa_ratio", "soaa_ratio_log", "soaa_hd_snr",
-                 "soaa_ratio_t", "soaa_ratio_log_t")
+                 "soaa_ratio_t", "soaa_ratio_log_t", "soaa_hd_floor",
+                 "soaa_hd_min1")
     for suffix in ("", "_cosine")
 )
 QUICK_STEPS = 10

@@ -18,7 +18,17 @@ Notation: `q_prev` is the previous step's Adam direction times
   1)`: hypergradient descent normalised by the predicted reduction.
 - `hd_snr` (Adam-normalised hypergradient): `log d += gamma * EMA(cos) /
   sqrt(EMA(cos^2))`, the hypergradient's sign-to-noise ratio.
+- `hd_floor` (hypergradient with a horizon correction): the hypergradient's
+  `log d += gamma * cos`, clipped below by a floor that relaxes with
+  training progress `p = min(t / total_steps, 1)` from 1 to `min_radius`
+  (`floor = min_radius ** p`): a greedy hypergradient cannot shrink the
+  step below Adam's early in the run (short-horizon bias), only late.
+
+Besides the designs, `VARIANTS` holds configurations of the library's own
+controllers (e.g. the hypergradient with `min_radius=1`).
 """
+
+import math
 
 import keras
 from keras import ops
@@ -26,7 +36,7 @@ from keras import ops
 import keras_soaa
 from keras_soaa.controllers import Controller, Sum
 
-DESIGNS = ("ratio", "ratio_log", "hd_snr")
+DESIGNS = ("ratio", "ratio_log", "hd_snr", "hd_floor")
 
 
 @keras_soaa.controllers.register("benchmark_design")
@@ -78,6 +88,17 @@ class DesignController(Controller):
             else:
                 log_radius = log_radius + self.gamma * ops.clip(
                     2.0 * (rho - self.target), -1.0, 1.0)
+        elif self.design == "hd_floor":
+            norms = ops.sqrt(sums.gradient_sq) * ops.sqrt(sums.direction_sq)
+            cosine = ops.divide(sums.alignment, ops.where(norms > 0.0, norms, 1.0))
+            cosine = ops.where(ops.isfinite(cosine), ops.clip(cosine, -1.0, 1.0), 0.0)
+            log_radius = log_radius + self.gamma * cosine
+            total = float(settings.total_steps or 0)
+            progress = (ops.minimum(ops.cast(iterations, "float32") / total, 1.0)
+                        if total else 0.0)
+            floor = progress * math.log(settings.min_radius)
+            log_radius = ops.maximum(log_radius, floor)
+            a, b = state.average_a, state.average_b
         else:  # hd_snr
             norms = ops.sqrt(sums.gradient_sq) * ops.sqrt(sums.direction_sq)
             cosine = ops.divide(sums.alignment, ops.where(norms > 0.0, norms, 1.0))
@@ -91,23 +112,25 @@ class DesignController(Controller):
         return radius, type(state)(a, b)
 
 
-# name -> (design, extra arguments); `*_cosine` adds the cosine schedule.
+# name -> SOAA's arguments but the learning rate; `*_cosine` adds the
+# cosine schedule.
 VARIANTS = {
-    "soaa_ratio": ("ratio", {}),
-    "soaa_ratio_log": ("ratio_log", {}),
-    "soaa_hd_snr": ("hd_snr", {}),
+    "soaa_ratio": {"controller": DesignController("ratio")},
+    "soaa_ratio_log": {"controller": DesignController("ratio_log")},
+    "soaa_hd_snr": {"controller": DesignController("hd_snr")},
     # Thresholds from the ratio's distribution at Adam's tuned rate with
     # d = 1 (benchmarks/results/controller_designs.md).
-    "soaa_ratio_t": ("ratio", {"low": 0.1, "high": 0.5}),
-    "soaa_ratio_log_t": ("ratio_log", {"target": 0.25}),
+    "soaa_ratio_t": {"controller": DesignController("ratio", low=0.1, high=0.5)},
+    "soaa_ratio_log_t": {"controller": DesignController("ratio_log", target=0.25)},
+    "soaa_hd_floor": {"controller": DesignController("hd_floor")},
+    "soaa_hd_min1": {"controller": "hypergradient", "min_radius": 1.0},
 }
 
 
 def make(name, learning_rate):
     """The prototype optimizer `name` (a `VARIANTS` key, maybe `_cosine`)."""
-    design, extra = VARIANTS[name.removesuffix("_cosine")]
     return keras_soaa.SOAA(learning_rate=learning_rate,
-                           controller=DesignController(design, **extra))
+                           **VARIANTS[name.removesuffix("_cosine")])
 
 
 def names():

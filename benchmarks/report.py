@@ -44,6 +44,10 @@ NAMES = {
     "soaa_ratio_t_cosine": "SOAA-ratio (0.1/0.5) + cosine",
     "soaa_ratio_log_t": "SOAA-ratio-log (0.25)",
     "soaa_ratio_log_t_cosine": "SOAA-ratio-log (0.25) + cosine",
+    "soaa_hd_floor": "SOAA-HD-floor",
+    "soaa_hd_floor_cosine": "SOAA-HD-floor + cosine",
+    "soaa_hd_min1": "SOAA-HD (d >= 1)",
+    "soaa_hd_min1_cosine": "SOAA-HD (d >= 1) + cosine",
 }
 # Fixed colours per optimizer: matplotlib's tab10, so the five curves of a
 # panel (`plotted`) always differ; *_cosine variants are also dashed. The
@@ -71,9 +75,13 @@ COLORS = {
     "soaa_ratio_t_cosine": "dimgray",
     "soaa_ratio_log_t": "teal",
     "soaa_ratio_log_t_cosine": "turquoise",
+    "soaa_hd_floor": "darkgreen",
+    "soaa_hd_floor_cosine": "limegreen",
+    "soaa_hd_min1": "navy",
+    "soaa_hd_min1_cosine": "royalblue",
 }
 DESIGN_VARIANTS = tuple(name for name in NAMES if name.startswith(
-    ("soaa_ratio", "soaa_hd_snr")))
+    ("soaa_ratio", "soaa_hd_snr", "soaa_hd_floor", "soaa_hd_min1")))
 SOAA_VARIANTS = ("soaa", "soaa_cosine", "soaa_hd", "soaa_hd_cosine",
                  "soaa_gr", "soaa_gr_cosine", *DESIGN_VARIANTS)
 # SOAA with `controller="hypergradient"`: constant radius bounds
