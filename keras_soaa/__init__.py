@@ -5,10 +5,10 @@ Keras serialization, so a model saved with them loads with
 `keras.saving.load_model` without `custom_objects`.
 """
 
-from keras_soaa import controllers
+from keras_soaa import controllers, presets
 from keras_soaa.callback import TrustRegionCallback
 from keras_soaa.optimizer import SOAA
 
 __version__ = "0.4.0"
 
-__all__ = ["SOAA", "TrustRegionCallback", "__version__", "controllers"]
+__all__ = ["SOAA", "TrustRegionCallback", "__version__", "controllers", "presets"]
