@@ -3,6 +3,7 @@
     python benchmarks/compare.py            # the verdict, ~3 min on 2 cores
     python benchmarks/compare.py --quick    # a smoke run, about a minute
     python benchmarks/compare.py --full     # every problem and optimizer
+        [--set calibration | held_out | all]
         [--problems digits,rosenbrock | all] [--optimizers soaa,adam,... | all]
         [--backend jax] [--seeds 3] [--steps N] [--lrs 1e-3,3e-3,1e-2]
         [--out DIR [--overwrite]] [--merge DIR]
@@ -13,14 +14,27 @@ Three modes (their problems, optimizers, seeds, steps and grids are in
 overrides the mode's value):
 
 - default: the verdict: the recommended SOAA configurations against the
-  strongest peers, on the four fast problems, with 3 seeds and each
-  problem's own steps and learning-rate grid (about 3 minutes on 2 idle
-  CPU cores, at most 10 on busy ones).
-- `--full`: every problem (also the Transformer and the CNN) and every
-  default optimizer: the README's tables (about 30 minutes on 2 cores).
-- `--quick`: a smoke run of every problem with SOAA-HD, SOAA, Adam and
-  ScheduleFreeAdamW: 1 seed, the two middle rates of each grid, 10 steps
-  (about a minute; its numbers mean nothing).
+  strongest peers, on the set's fast problems (those whose Adam run is
+  expected to take at most `FAST_RUN_S` = 1 s by `problems.COSTS`: on the
+  calibration set the four small ones, on the held-out set all but
+  `shapes_cnn`), with 3 seeds and each problem's own steps and
+  learning-rate grid (calibration: about 3 minutes on 2 idle CPU cores, at
+  most 10 on busy ones; held-out: about 8).
+- `--full`: every problem of the set (also the Transformer and the CNNs)
+  and every default optimizer: the README's tables (calibration: about 30
+  minutes on 2 cores; held-out: about 40, most of it `shapes_cnn`).
+- `--quick`: a smoke run of every problem of the set with SOAA-HD, SOAA,
+  Adam and ScheduleFreeAdamW: 1 seed, the two middle rates of each grid, 10
+  steps (about a minute per set; its numbers mean nothing).
+
+Problem sets (`problems.SETS`, `--set`): `calibration` (the default; the
+six problems controllers may be tuned on, the README's tables),
+`held_out` (seven other problems, never looked at while tuning, to judge
+an optimizer on) or `all` (both; the report shows each set in its own
+section). A mode picks its problems within the set; `--problems` names
+problems of either set instead (`all`: every problem of `--set`). The
+results are labelled by the set their problems make up (a held-out
+problem never lands in a calibration folder or table).
 
 Optimizers:
 
@@ -60,8 +74,10 @@ per learning rate: a schedule is fixed when the optimizer is made): every run
 then starts from freshly initialised weights and a fresh optimizer state
 copied into the compiled model (`--no-reuse` compiles a new model per run).
 
-Writes to a new folder `runs/benchmark/<mode>-<YYYYmmdd-HHMMSS>/` (printed at
-the start and the end), or to `--out DIR`, which must not hold results yet
+Writes to a new folder `runs/benchmark/<mode>-<YYYYmmdd-HHMMSS>/`, or
+`runs/benchmark/<mode>-<set>-<YYYYmmdd-HHMMSS>/` when the problems are not
+(all) of the calibration set, e.g. `full-held_out-...` (printed at the
+start and the end), or to `--out DIR`, which must not hold results yet
 unless `--overwrite` is given: `report.md` (tables, and SOAA against the
 strongest optimizer of each problem), one PNG per problem (loss vs step and
 vs wall-clock, the learning-rate sweep, SOAA's radius with its bounds) and
@@ -74,6 +90,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import sys
 import textwrap
 import time
@@ -95,19 +112,25 @@ DESIGN_OPTIMIZERS = tuple(
     for suffix in ("", "_cosine")
 )
 QUICK_STEPS = 10
+# The problem sets `--set` chooses from (`problems.SETS`'s keys).
+SET_NAMES = ("calibration", "held_out", "all")
+# The default mode's "fast" problems of a set: an Adam run expected to take
+# at most this many seconds (`problems.expected_run_s`, from `COSTS`).
+FAST_RUN_S = 1.0
 # The benchmark root; each run writes to a new `<mode>-<time>` folder in it.
 RUNS = os.path.join("runs", "benchmark")
 
 
 @dataclasses.dataclass(frozen=True)
 class Mode:
-    """What a mode runs. `problems=None`: every problem; `steps=None`: each
-    problem's own; `grid`: "full" (each problem's own grid) or "middle" (its
-    two middle points)."""
+    """What a mode runs. `problems`: "all" (every problem of the set) or
+    "fast" (those of the set whose Adam run is expected to take at most
+    `FAST_RUN_S`); `steps=None`: each problem's own; `grid`: "full" (each
+    problem's own grid) or "middle" (its two middle points)."""
 
     name: str
     summary: str
-    problems: tuple | None
+    problems: str
     optimizers: tuple
     seeds: int
     steps: int | None
@@ -118,26 +141,26 @@ MODES = {
     "default": Mode(
         "default",
         "the verdict: the recommended SOAA configurations against the "
-        "strongest peers on the four fast problems (about 3 min on 2 idle "
-        "cores, at most 10 on busy ones)",
-        problems=("digits", "breast_cancer", "quadratic", "rosenbrock"),
+        "strongest peers on the set's fast problems (calibration: about 3 "
+        "min on 2 idle cores, at most 10 on busy ones)",
+        problems="fast",
         optimizers=(RECOMMENDED, "soaa_hd_cosine", "soaa", "adam",
                     "adam_cosine", "schedulefree"),
         seeds=3, steps=None, grid="full"),
     "full": Mode(
         "full",
-        "every problem and every default optimizer: the README's tables "
-        "(about 30 min on 2 cores)",
-        problems=None,
+        "every problem of the set and every default optimizer: the README's "
+        "tables (calibration: about 30 min on 2 cores)",
+        problems="all",
         optimizers=("soaa", "soaa_cosine", "soaa_hd", "soaa_hd_cosine",
                     "soaa_gr", "soaa_gr_cosine", "adam", "adam_cosine",
                     "schedulefree"),
         seeds=3, steps=None, grid="full"),
     "quick": Mode(
         "quick",
-        "a smoke run of every problem (about a minute; numbers mean "
-        "nothing)",
-        problems=None,
+        "a smoke run of every problem of the set (about a minute per set; "
+        "numbers mean nothing)",
+        problems="all",
         optimizers=(RECOMMENDED, "soaa", "adam", "schedulefree"),
         seeds=1, steps=QUICK_STEPS, grid="middle"),
 }
@@ -156,8 +179,9 @@ def modes_text():
                 else "the two middle rates of each grid")
         entries = [
             (f"  {flag}: ", mode.summary),
-            ("      problems:   ", ", ".join(mode.problems) if mode.problems
-             else "all"),
+            ("      problems:   ", "all of the set's" if mode.problems == "all"
+             else f"the set's fast ones (an Adam run expected ≤ "
+             f"{FAST_RUN_S:g} s)"),
             ("      optimizers: ", ", ".join(mode.optimizers)),
             ("      ", f"seeds: {mode.seeds}; steps: "
              + (str(mode.steps) if mode.steps else "each problem's own")
@@ -180,9 +204,15 @@ def parse_args(argv=None):
     which.add_argument("--full", action="store_true",
                        help="every problem and every default optimizer "
                        "(see modes below)")
+    parser.add_argument("--set", default="calibration", choices=SET_NAMES,
+                        dest="problem_set",
+                        help="the problem set: calibration (tuned on), "
+                        "held_out (never tuned on) or all (default: "
+                        "calibration)")
     parser.add_argument("--problems", default=None,
-                        help="comma-separated problem names, or 'all' "
-                        "(default: the mode's)")
+                        help="comma-separated problem names of either set, "
+                        "or 'all' (every problem of --set) (default: the "
+                        "mode's, within --set)")
     parser.add_argument("--optimizers", default=None,
                         help=f"comma-separated, from {', '.join(OPTIMIZERS)}; "
                         "or 'all' (default: the mode's)")
@@ -221,8 +251,6 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.mode = "quick" if args.quick else "full" if args.full else "default"
     mode = MODES[args.mode]
-    if args.problems is None:
-        args.problems = ",".join(mode.problems) if mode.problems else "all"
     if args.optimizers is None:
         args.optimizers = list(mode.optimizers)
     elif args.optimizers.strip() == "all":
@@ -252,6 +280,33 @@ def parse_args(argv=None):
     return args
 
 
+def problem_names(args, problems):
+    """The problems to run, in order: `--problems` (any set; `all`: every
+    problem of `--set`), else the mode's selection within `--set`.
+
+    `problems`: the `problems` module (imported once the backend is set).
+    """
+    pool = problems.SETS[args.problem_set]
+    if args.problems is None:
+        if MODES[args.mode].problems == "all":
+            return list(pool)
+        return [name for name in pool
+                if problems.expected_run_s(name) <= FAST_RUN_S]
+    if args.problems.strip() == "all":
+        return list(pool)
+    names = [name.strip() for name in args.problems.split(",")]
+    unknown = sorted(set(names) - set(problems.ALL_PROBLEMS))
+    if unknown:
+        raise SystemExit(f"unknown problem(s) {unknown}; choose from "
+                         f"{', '.join(problems.ALL_PROBLEMS)}")
+    return names
+
+
+def folder_prefix(mode, problem_set="calibration"):
+    """`<mode>` for the calibration set, else `<mode>-<set>`."""
+    return mode if problem_set == "calibration" else f"{mode}-{problem_set}"
+
+
 RESULT_FILES = ("results.json", "report.md")
 
 
@@ -271,23 +326,26 @@ def refuse_overwrite(args, root=RUNS):
         f"--out {args.out} already holds results ({', '.join(found)}): "
         "refusing to overwrite them. Pass --overwrite to replace them, or "
         "leave --out out to write to a new folder "
-        f"{os.path.join(root, args.mode + '-<YYYYmmdd-HHMMSS>')}.")
+        f"{os.path.join(root, args.mode + '[-<set>]-<YYYYmmdd-HHMMSS>')}.")
 
 
-def output_folder(args, root=RUNS, now=None):
+def output_folder(args, root=RUNS, now=None, problem_set=None):
     """The run's folder, created (empty) now; refuses to overwrite results.
 
-    Without `--out`: a new `root/<mode>-<YYYYmmdd-HHMMSS>` (`-2`, `-3`, ...
-    appended if that exists already). With `--out DIR`: DIR, unless it
-    holds results (`results.json` or `report.md`) and `--overwrite` is not
-    given.
+    Without `--out`: a new `root/<mode>-<YYYYmmdd-HHMMSS>` for the
+    calibration set, `root/<mode>-<set>-<YYYYmmdd-HHMMSS>` for another
+    (`problem_set`: the set the run's problems make up, default `--set`;
+    `-2`, `-3`, ... appended if that exists already). With `--out DIR`:
+    DIR, unless it holds results (`results.json` or `report.md`) and
+    `--overwrite` is not given.
     """
     if args.out is not None:
         refuse_overwrite(args, root)
         os.makedirs(args.out, exist_ok=True)
         return args.out
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
-    base = os.path.join(root, f"{args.mode}-{stamp}")
+    prefix = folder_prefix(args.mode, problem_set or args.problem_set)
+    base = os.path.join(root, f"{prefix}-{stamp}")
     folder, k = base, 1
     while True:
         try:
@@ -298,15 +356,18 @@ def output_folder(args, root=RUNS, now=None):
             folder = f"{base}-{k}"
 
 
-def latest_run(root=RUNS, modes=("full", "default")):
-    """The newest `root/<mode>-*` folder with a `results.json`, of the first
-    of `modes` that has one; `None` if none."""
+def latest_run(root=RUNS, modes=("full", "default"), problem_set="calibration"):
+    """The newest `root/<mode>[-<set>]-<time>` folder of `problem_set` with
+    a `results.json`, of the first of `modes` that has one; `None` if
+    none. (A calibration run's folder has no set in its name.)"""
     if not os.path.isdir(root):
         return None
     for mode in modes:
+        pattern = re.compile(re.escape(folder_prefix(mode, problem_set))
+                             + r"-\d{8}-\d{6}(-\d+)?")
         folders = sorted(
             name for name in os.listdir(root)
-            if name.startswith(mode + "-")
+            if pattern.fullmatch(name)
             and os.path.exists(os.path.join(root, name, "results.json")))
         if folders:
             return os.path.join(root, folders[-1])
@@ -334,7 +395,9 @@ def merge_previous(results, config, folder):
         old = previous["results"].get(name)
         if old is None:
             raise SystemExit(f"--merge: {folder} has no problem {name!r}")
-        if old["problem"] != entry["problem"]:
+        # (Results from before the sets were named hold no "set".)
+        if ({**old["problem"], "set": None}
+                != {**entry["problem"], "set": None}):
             raise SystemExit(f"--merge: {name} differs in {folder}")
         merged = {o: r for o, r in old["runs"].items() if o not in entry["runs"]}
         added = list(merged)
@@ -383,20 +446,12 @@ def main(argv=None):
     runner.HYPERGRADIENT_ARGUMENTS.clear()
     runner.HYPERGRADIENT_ARGUMENTS.update(args.hypergradient)
 
-    names = (
-        list(problems.PROBLEM_NAMES)
-        if args.problems.strip() == "all"
-        else [name.strip() for name in args.problems.split(",")]
-    )
-    unknown = sorted(set(names) - set(problems.PROBLEM_NAMES))
-    if unknown:
-        raise SystemExit(
-            f"unknown problem(s) {unknown}; choose from {problems.PROBLEM_NAMES}"
-        )
+    names = problem_names(args, problems)
+    covered = problems.covered_set(names)
     seeds = list(range(args.seeds))
     if args.merge:
         load_previous(args.merge, seeds)
-    out = output_folder(args)
+    out = output_folder(args, problem_set=covered)
     selected = [problems.make_problem(name, args.steps, args.quick)
                 for name in names]
     grids = {
@@ -417,6 +472,8 @@ def main(argv=None):
         "command": "python benchmarks/compare.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "mode": args.mode,
+        # The set the problems make up ("calibration", "held_out" or "all").
+        "set": covered,
         "backend": backend,
         "versions": runner.versions(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
@@ -427,7 +484,8 @@ def main(argv=None):
     }
     if any(runner.is_hypergradient(o) for o in args.optimizers):
         config["hypergradient"] = runner.hypergradient_arguments()
-    print(f"{args.mode} mode: {progress.planned_runs} runs on {backend} "
+    print(f"{args.mode} mode, {covered} set: {progress.planned_runs} runs on "
+          f"{backend} "
           f"(keras-soaa {config['versions']['keras-soaa']}): "
           f"{', '.join(names)} x {', '.join(args.optimizers)} x "
           f"{len(seeds)} seed(s); expected about "
@@ -439,7 +497,8 @@ def main(argv=None):
     results = {}
     for problem in selected:
         results[problem.name] = {
-            "problem": runner.describe(problem, grids[problem.name]),
+            "problem": {**runner.describe(problem, grids[problem.name]),
+                        "set": problems.problem_set(problem.name)},
             "runs": {
                 optimizer: runner.sweep(
                     problem, optimizer, grids[problem.name], seeds,

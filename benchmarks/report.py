@@ -337,6 +337,97 @@ def target_verdicts(per_problem):
     return out
 
 
+# -- the worst case over problems ------------------------------------------------
+
+# The worst-case line's references: an optimizer's final loss is divided by
+# the best of these (those that ran) on each problem.
+WORST_CASE_REFERENCES = ("adam", "adam_cosine", "schedulefree")
+# "Within 5% of tuned Adam": a final loss at most (1 + NEAR_ADAM) x Adam's.
+NEAR_ADAM = 0.05
+
+
+def loss_ratio(mine, best):
+    """`mine / best` for final losses (≥ 0); `inf` when `mine` diverged.
+
+    A best of 0 gives 1 if `mine` is 0 too, else `inf`.
+    """
+    if not math.isfinite(mine):
+        return math.inf
+    if best <= 0:
+        return 1.0 if mine <= best else math.inf
+    return mine / best
+
+
+def worst_case(summaries, optimizer):
+    """An optimizer's worst case over problems, and how often it keeps up.
+
+    `summaries`: {problem: `summarize(...)`}. Returns
+    - `ratios`: {problem: its mean final train loss over the lowest of
+      tuned Adam's, Adam + cosine's and ScheduleFreeAdamW's
+      (`WORST_CASE_REFERENCES`, those that ran and did not diverge) on it};
+    - `worst`, `worst_problem`: the largest of them and where (`None` when
+      no reference ran);
+    - `near_adam`: on how many problems its final loss is within 5% of
+      tuned constant-rate Adam's (at most `1 + NEAR_ADAM` times it; lower
+      counts too), out of `with_adam` problems where Adam ran (and did not
+      diverge).
+    Problems where `optimizer` did not run are left out.
+    """
+    ratios = {}
+    near_adam = with_adam = 0
+    for name, summary in summaries.items():
+        if optimizer not in summary:
+            continue
+        mine = summary[optimizer]["final"]["mean"]
+        references = [summary[o]["final"]["mean"]
+                      for o in WORST_CASE_REFERENCES if o in summary]
+        references = [r for r in references if math.isfinite(r)]
+        if references:
+            ratios[name] = loss_ratio(mine, min(references))
+        adam = summary.get("adam", {}).get("final", {}).get("mean", math.inf)
+        if math.isfinite(adam):
+            with_adam += 1
+            near_adam += bool(math.isfinite(mine)
+                              and mine <= (1 + NEAR_ADAM) * adam)
+    worst_problem = max(ratios, key=ratios.get) if ratios else None
+    return {"ratios": ratios, "worst_problem": worst_problem,
+            "worst": ratios[worst_problem] if ratios else None,
+            "near_adam": near_adam, "with_adam": with_adam}
+
+
+def worst_case_section(summaries, optimizers):
+    """One line per optimizer of `optimizers` that ran: `worst_case`."""
+    lines = []
+    for optimizer in optimizers:
+        figures = worst_case(summaries, optimizer)
+        parts = []
+        if figures["worst"] is not None:
+            worst = figures["worst"]
+            parts.append(
+                f"worst ratio {worst:.2f} (on {figures['worst_problem']})"
+                if math.isfinite(worst) else
+                f"diverged on {figures['worst_problem']} (worst ratio ∞)")
+        if figures["with_adam"]:
+            parts.append(f"within 5% of tuned Adam on {figures['near_adam']} "
+                         f"of {figures['with_adam']} problems")
+        if parts:
+            lines.append(f"- **{NAMES[optimizer]}**: " + "; ".join(parts)
+                         + ".")
+    if not lines:
+        return []
+    return [
+        "Worst case per optimizer: the largest ratio, over the problems, of "
+        "its final train loss to the best of tuned Adam, Adam + cosine and "
+        "ScheduleFreeAdamW on that problem (those that ran; 1.00: it is, or "
+        "matches, the best of them on every problem), and on how many "
+        "problems its final train loss is within 5% of tuned "
+        "constant-rate Adam's (at most 1.05 times it; lower counts):",
+        "",
+        *lines,
+        "",
+    ]
+
+
 # -- plots ----------------------------------------------------------------------
 
 
@@ -644,17 +735,17 @@ def _width_text(width):
     return "—" if width is None else f"{width:.2f}"
 
 
-def targets_section(summaries):
+def targets_section(summaries, level="##"):
     """The issue's targets (T1-T3, T4's interior part), per SOAA variant.
 
-    Needs Adam in the run; empty otherwise.
+    Needs Adam in the run; empty otherwise. `level`: the heading's.
     """
     variants = [o for o in SOAA_VARIANTS
                 if all(o in s for s in summaries.values())]
     if not variants or not all("adam" in s for s in summaries.values()):
         return []
     lines = [
-        "## Targets for the radius controllers",
+        f"{level} Targets for the radius controllers",
         "",
         "Per problem and SOAA variant. **T1**: steps to reach tuned Adam's "
         "final train loss, over Adam's own steps (target: ≤ 0.8 on ≥ 80% of "
@@ -733,6 +824,49 @@ def merged_text(config):
             + ".", ""]
 
 
+# The problem sets (`problems.SETS`), as the report heads them.
+SET_TITLES = {"calibration": "Calibration set (tuned on)",
+              "held_out": "Held-out set (never tuned on)"}
+
+
+def problem_set(entry):
+    """The set of a result's problem (results from before the sets were
+    named hold calibration problems only)."""
+    return entry["problem"].get("set", "calibration")
+
+
+def set_text(results):
+    """The report's line saying which problem set its results cover."""
+    found = {problem_set(entry) for entry in results.values()}
+    if found == {"calibration"}:
+        return ("Problem set: **calibration** (the problems a controller's "
+                "constants may be tuned on).")
+    if found == {"held_out"}:
+        return ("Problem set: **held-out** (never tuned on: no controller "
+                "constant was chosen by looking at these problems).")
+    return ("Problem sets: **calibration** (tuned on) and **held-out** "
+            "(never tuned on), each in its own section below.")
+
+
+def results_section(results, summaries, optimizers, level="##"):
+    """The main table, the verdict, the worst case and the targets for the
+    problems of `summaries`."""
+    lines = [*table(results, summaries), ""]
+    verdicts = [line for name, summary in summaries.items()
+                if (line := verdict_line(name, summary))]
+    if verdicts:
+        lines += [
+            "SOAA against the strongest optimizer of each problem that is not "
+            "SOAA, on final train loss (a tie: the gap is within the sum of "
+            "the two stds, or within 2%):",
+            "",
+            *verdicts,
+            "",
+        ]
+    lines += worst_case_section(summaries, optimizers)
+    return lines + targets_section(summaries, level)
+
+
 def write(results, config, out_dir):
     """Writes `report.md` and one PNG per problem; returns the file names."""
     summaries = {name: summarize(entry) for name, entry in results.items()}
@@ -754,6 +888,8 @@ def write(results, config, out_dir):
         f"**{config['backend']}**, {config['machine']}, {len(seeds)} seed(s) "
         f"({', '.join(map(str, seeds))}), {config['minutes']:.1f} minutes"
         f"{' (quick smoke run: numbers mean nothing)' if config['quick'] else ''}.",
+        "",
+        set_text(results),
         "",
         *merged_text(config),
         f"Optimizers: {', '.join(run)}. Every optimizer gets the same "
@@ -829,21 +965,22 @@ def write(results, config, out_dir):
         "The share of weights in the second case, sampled every 10 steps of "
         "the tuned runs, averaged.",
         "",
-        *table(results, summaries),
-        "",
     ]
-    verdicts = [line for name, summary in summaries.items()
-                if (line := verdict_line(name, summary))]
-    if verdicts:
-        lines += [
-            "SOAA against the strongest optimizer of each problem that is not "
-            "SOAA, on final train loss (a tie: the gap is within the sum of "
-            "the two stds, or within 2%):",
-            "",
-            *verdicts,
-            "",
-        ]
-    lines += targets_section(summaries)
+    # Every optimizer that ran, in the run's order.
+    optimizers = list(dict.fromkeys(o for entry in results.values()
+                                    for o in entry["runs"]))
+    sets = [name for name in SET_TITLES
+            if any(problem_set(entry) == name for entry in results.values())]
+    if len(sets) == 1:
+        lines += results_section(results, summaries, optimizers)
+    else:
+        # Each set on its own: the held-out figures are never mixed with
+        # those of the problems tuned on.
+        for name in sets:
+            part = {p: s for p, s in summaries.items()
+                    if problem_set(results[p]) == name}
+            lines += [f"## {SET_TITLES[name]}", "",
+                      *results_section(results, part, optimizers, "###")]
     for name, summary in summaries.items():
         info = results[name]["problem"]
         lines += [

@@ -284,11 +284,27 @@ def _fit(model, problem, optimizer_name, x, y, steps, chunk):
     return callbacks[-1]
 
 
+def fresh_model_state(model, fresh):
+    """Copies all of `fresh`'s state into `model` (same architecture).
+
+    `model.variables`: the weights (`get_weights`, BatchNormalization's
+    moving statistics included) and also the random seeds' state of layers
+    such as `Dropout`, so a reused compiled model drops the same units as a
+    freshly built one (`set_weights` alone would leave the seeds where the
+    previous run left them).
+    """
+    targets, values = model.variables, fresh.variables
+    if len(targets) != len(values):
+        raise RuntimeError("model state layouts differ")
+    for variable, value in zip(targets, values):
+        variable.assign(value)
+
+
 def _fresh_start(model, problem, optimizer_name, learning_rate, seed):
     """Puts seed-initialised weights and a fresh optimizer state in `model`."""
     seed_everything(seed)
     fresh = problem.build_model(seed)
-    model.set_weights(fresh.get_weights())
+    fresh_model_state(model, fresh)
     optimizer = make_optimizer(optimizer_name, learning_rate, problem.steps,
                                model)
     optimizer.build(model.trainable_variables)

@@ -354,27 +354,35 @@ def test_options_cover_every_optimizer():
         assert name in report.NAMES and name in report.COLORS
 
 
+def chosen(argv):
+    """The problems `compare.py argv` would run."""
+    return compare.problem_names(compare.parse_args(argv), problems)
+
+
 def test_the_three_modes():
     default = compare.parse_args([])
     assert default.mode == "default"
-    assert default.problems == "digits,breast_cancer,quadratic,rosenbrock"
+    assert default.problem_set == "calibration"
+    assert chosen([]) == ["digits", "breast_cancer", "quadratic",
+                          "rosenbrock"]
     assert (default.seeds, default.steps, default.middle_grid) == (3, None,
                                                                    False)
     # The verdict: the recommended SOAA and the paper's against the peers.
     assert {compare.RECOMMENDED, "soaa", "adam", "adam_cosine",
             "schedulefree"} <= set(default.optimizers)
-    assert set(default.problems.split(",")) < set(problems.PROBLEM_NAMES)
     # --full: what the default run did before (every problem and default
     # optimizer, 3 seeds, each problem's own steps and grid).
     full = compare.parse_args(["--full"])
-    assert (full.mode, full.problems, full.seeds, full.steps,
-            full.middle_grid) == ("full", "all", 3, None, False)
+    assert (full.mode, full.seeds, full.steps,
+            full.middle_grid) == ("full", 3, None, False)
+    assert chosen(["--full"]) == list(problems.CALIBRATION)
     assert full.optimizers == ["soaa", "soaa_cosine", "soaa_hd",
                                "soaa_hd_cosine", "soaa_gr", "soaa_gr_cosine",
                                "adam", "adam_cosine", "schedulefree"]
     quick = compare.parse_args(["--quick"])
-    assert (quick.mode, quick.problems, quick.seeds, quick.steps,
-            quick.middle_grid) == ("quick", "all", 1, compare.QUICK_STEPS, True)
+    assert (quick.mode, quick.seeds, quick.steps,
+            quick.middle_grid) == ("quick", 1, compare.QUICK_STEPS, True)
+    assert chosen(["--quick"]) == list(problems.CALIBRATION)
     assert compare.RECOMMENDED in quick.optimizers
     with pytest.raises(SystemExit):
         compare.parse_args(["--quick", "--full"])
@@ -384,9 +392,9 @@ def test_the_three_modes():
                                "--lrs", "0.1,0.2"])
     assert (args.problems, args.seeds, args.steps, args.optimizers,
             args.lrs) == ("digits", 2, 50, ["adam"], [0.1, 0.2])
-    # Every mode's problems exist; --help lists the modes.
+    # --help lists the modes.
     for mode in compare.MODES.values():
-        assert set(mode.problems or ()) <= set(problems.PROBLEM_NAMES)
+        assert mode.problems in ("all", "fast")
         assert set(mode.optimizers) <= set(compare.OPTIMIZERS)
     text = compare.modes_text()
     for flag in ("(default)", "--full", "--quick"):
@@ -409,9 +417,24 @@ def test_each_run_gets_a_new_folder(tmp_path):
     assert Path(quick).name == f"quick-{stamp}"
     assert Path(full).name == f"full-{stamp}"
     assert all(os.path.isdir(f) for f in (first, second, quick, full))
+    # Another set than calibration: named in the folder.
+    held_out = compare.output_folder(
+        compare.parse_args(["--full", "--set", "held_out"]),
+        root=str(tmp_path), now=now)
+    assert Path(held_out).name == f"full-held_out-{stamp}"
+    # The set the problems make up names it, whatever --set said.
+    both = compare.output_folder(compare.parse_args(["--full"]),
+                                 root=str(tmp_path), now=now,
+                                 problem_set="all")
+    assert Path(both).name == f"full-all-{stamp}"
     (tmp_path / f"full-{stamp}" / "results.json").write_text("{}")
+    (Path(held_out) / "results.json").write_text("{}")
+    # The newest full run of a set; calibration's by default.
     assert compare.latest_run(str(tmp_path)) == full
     assert compare.latest_run(str(tmp_path), modes=("default",)) is None
+    assert compare.latest_run(str(tmp_path),
+                              problem_set="held_out") == held_out
+    assert compare.latest_run(str(tmp_path), problem_set="all") is None
 
 
 def test_an_explicit_out_with_results_is_refused(tmp_path, capsys):
@@ -874,3 +897,224 @@ def test_speed_custom_loop_feeds_soaa_and_times_both_sides():
     result = speed.time_custom_loop("logreg", args)
     assert result["adam"] > 0 and result["soaa"] > 0
     assert result["soaa_state_bytes"] == result["adam_state_bytes"] + 20
+
+
+# -- the problem sets: calibration and held-out ----------------------------------
+
+
+def test_the_sets_are_disjoint_and_complete():
+    calibration, held_out = problems.CALIBRATION, problems.HELD_OUT
+    # Calibration: the six problems of old, unchanged.
+    assert calibration == ("digits", "breast_cancer", "quadratic",
+                           "rosenbrock", "char_lm", "digits_cnn")
+    assert problems.PROBLEM_NAMES == calibration
+    assert len(held_out) >= 6 and len(set(held_out)) == len(held_out)
+    assert not set(calibration) & set(held_out)
+    assert problems.SETS == {"calibration": calibration,
+                             "held_out": held_out,
+                             "all": calibration + held_out}
+    assert set(compare.SET_NAMES) == set(problems.SETS)
+    for name in problems.ALL_PROBLEMS:
+        assert name in problems.DEFAULT_STEPS and name in problems.COSTS
+    assert {problems.problem_set(n) for n in held_out} == {"held_out"}
+    assert problems.covered_set(["digits", "quadratic"]) == "calibration"
+    assert problems.covered_set(["wave_gru"]) == "held_out"
+    assert problems.covered_set(["digits", "wave_gru"]) == "all"
+    with pytest.raises(KeyError):
+        problems.problem_set("mnist")
+    for name in held_out:
+        problem = problems.make_problem(name)
+        assert problem.name == name and problem.cost == problems.COSTS[name]
+        # Seven rates, four per decade.
+        lrs = np.array(problem.lrs)
+        assert len(lrs) == 7
+        np.testing.assert_allclose(np.diff(np.log10(lrs)), 0.25, atol=0.02)
+
+
+def test_the_set_option_picks_the_problems():
+    fast = [n for n in problems.HELD_OUT
+            if problems.expected_run_s(n) <= compare.FAST_RUN_S]
+    # The default mode: the set's fast problems (all but the CNN).
+    assert chosen(["--set", "held_out"]) == fast
+    assert "shapes_cnn" not in fast and len(fast) >= 5
+    assert chosen(["--full", "--set", "held_out"]) == list(problems.HELD_OUT)
+    assert chosen(["--quick", "--set", "held_out"]) == list(problems.HELD_OUT)
+    assert chosen(["--quick", "--set", "all"]) == list(problems.ALL_PROBLEMS)
+    assert chosen(["--set", "all"]) == [
+        "digits", "breast_cancer", "quadratic", "rosenbrock", *fast]
+    # --problems names problems of either set; "all": every one of --set.
+    assert chosen(["--problems", "wave_gru,digits"]) == ["wave_gru", "digits"]
+    assert chosen(["--set", "held_out", "--problems", "all"]) == list(
+        problems.HELD_OUT)
+    assert chosen(["--problems", "all"]) == list(problems.CALIBRATION)
+    with pytest.raises(SystemExit, match="unknown problem"):
+        chosen(["--problems", "digits,mnist"])
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--set", "test"])
+
+
+@pytest.mark.parametrize("name", problems.HELD_OUT)
+def test_every_held_out_problem_trains(name):
+    problem = problems.make_problem(name, steps=4)
+    assert problem.steps == 4
+    # The data is the same for every seed; the batch order is the seed's.
+    x, y = problem.stream(0, 4)
+    again, _ = problem.stream(0, 4)
+    other, _ = problem.stream(1, 4)
+    assert len(x) == len(y) == 4 * problem.batch_size
+    np.testing.assert_array_equal(x, again)
+    assert not np.array_equal(x, other)
+    assert x.dtype == np.float32
+    runs = runner.sweep(problem, compare.RECOMMENDED, [problem.lrs[3]], [0])
+    (record,) = runs[repr(problem.lrs[3])]
+    assert len(record["loss"]) == 4 and np.all(np.isfinite(record["loss"]))
+    assert np.isfinite(record["final_loss"])
+    assert np.isfinite(record["held_out"])
+    if not problem.held_out_lower_is_better:
+        assert 0 <= record["held_out"] <= 1
+
+
+def test_a_reused_model_reproduces_fresh_runs_with_dropout():
+    """`tabular_bn` drops units: a fresh start also resets the seeds'
+    state (and BatchNormalization's statistics) of a reused model."""
+    problem = problems.make_problem("tabular_bn", steps=6)
+    learning_rates, seeds = [0.003, 0.03], [0, 1]
+    reused = runner.sweep(problem, "adam", learning_rates, seeds, reuse=True)
+    fresh = runner.sweep(problem, "adam", learning_rates, seeds, reuse=False)
+    for key in reused:
+        for a, b in zip(reused[key], fresh[key]):
+            np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+            assert a["held_out"] == b["held_out"]
+    assert reused["0.003"][0]["loss"] != reused["0.003"][1]["loss"]
+
+
+def synthetic_results(finals, sets=None):
+    """results.json-like results: {problem: {optimizer: {lr: [final per
+    seed]}}} of non-SOAA optimizers; `sets`: {problem: set}."""
+    results = {}
+    for problem, runs in finals.items():
+        results[problem] = {
+            "problem": {"description": problem, "steps": 10,
+                        "batch_size": 1, "lrs": [0.1, 0.2],
+                        "held_out_name": None,
+                        "held_out_lower_is_better": False,
+                        "final_window": 1, "exact_gradients": False,
+                        "set": (sets or {}).get(problem, "calibration")},
+            "runs": {
+                optimizer: {
+                    repr(lr): [{"seed": seed, "loss": [final or 1.0] * 10,
+                                "time": [0.1 * k for k in range(10)],
+                                "radius": None, "radius_bounds": None,
+                                "fisher_share": None, "final_loss": final,
+                                "held_out": None, "held_out_x": None,
+                                "ms_per_step": 1.0}
+                               for seed, final in enumerate(seed_finals)]
+                    for lr, seed_finals in by_lr.items()}
+                for optimizer, by_lr in runs.items()},
+        }
+    return results
+
+
+WORST_CASE_FINALS = {
+    # Lion's tuned rate: 0.1 (mean 1.2; 0.2's mean is 1.3). The best
+    # reference: Adam + cosine's 0.8, so its ratio is 1.5; Adam's 1.0:
+    # Lion is not within 5% of it.
+    "p1": {"adam": {0.1: [1.0, 1.0], 0.2: [1.1, 1.3]},
+           "adam_cosine": {0.1: [0.8, 0.8]},
+           "schedulefree": {0.1: [0.9, 0.9]},
+           "lion": {0.1: [1.2, 1.2], 0.2: [1.0, 1.6]}},
+    # Adam + cosine diverged: the best reference is Adam's 2.0; Lion's
+    # 2.08 is within 5% of it (ratio 1.04).
+    "p2": {"adam": {0.1: [2.0, 2.0]},
+           "adam_cosine": {0.1: [None, 1.0]},
+           "schedulefree": {0.1: [2.5, 2.5]},
+           "lion": {0.1: [2.1, 2.06]}},
+    # No Adam: only Adam + cosine is a reference (ratio 3), and the
+    # problem does not count for "within 5% of Adam".
+    "p3": {"adam_cosine": {0.1: [1.0, 1.0]},
+           "lion": {0.1: [3.0, 3.0]}},
+}
+
+
+def test_the_worst_case_ratio_on_synthetic_results():
+    results = synthetic_results(WORST_CASE_FINALS)
+    summaries = {name: report.summarize(entry)
+                 for name, entry in results.items()}
+    lion = report.worst_case(summaries, "lion")
+    assert lion["ratios"] == pytest.approx({"p1": 1.5, "p2": 1.04,
+                                            "p3": 3.0})
+    assert (lion["worst_problem"], lion["worst"]) == ("p3", pytest.approx(3))
+    assert (lion["near_adam"], lion["with_adam"]) == (1, 2)
+    adam = report.worst_case(summaries, "adam")
+    assert adam["ratios"] == pytest.approx({"p1": 1.25, "p2": 1.0})
+    assert (adam["near_adam"], adam["with_adam"]) == (2, 2)
+    cosine = report.worst_case(summaries, "adam_cosine")
+    assert cosine["ratios"]["p2"] == math.inf  # diverged
+    assert cosine["worst_problem"] == "p2"
+    assert (cosine["near_adam"], cosine["with_adam"]) == (1, 2)
+    assert report.loss_ratio(0.0, 0.0) == 1.0
+    assert report.loss_ratio(1e-3, 0.0) == math.inf
+    # Without any reference: no ratio.
+    alone = report.worst_case({"p": {"lion": summaries["p1"]["lion"]}},
+                              "lion")
+    assert alone["worst"] is None and alone["with_adam"] == 0
+
+
+def write_synthetic(results, out, monkeypatch):
+    monkeypatch.setattr(report, "plot_problem", lambda *args: None)
+    config = {"command": "python benchmarks/compare.py", "mode": "default",
+              "versions": {"keras-soaa": keras_soaa.__version__},
+              "backend": "jax", "machine": "test", "seeds": [0, 1],
+              "optimizers": ["adam", "adam_cosine", "schedulefree", "lion"],
+              "quick": False, "minutes": 0.1}
+    report.write(results, config, str(out))
+    return (out / "report.md").read_text()
+
+
+def test_the_report_states_its_set_and_the_worst_case(tmp_path,
+                                                      monkeypatch):
+    text = write_synthetic(synthetic_results(WORST_CASE_FINALS), tmp_path,
+                           monkeypatch)
+    assert "Problem set: **calibration**" in text
+    assert "Held-out set" not in text
+    assert ("- **Lion**: worst ratio 3.00 (on p3); within 5% of tuned Adam "
+            "on 1 of 2 problems.") in text
+    assert ("- **Adam + cosine**: diverged on p2 (worst ratio ∞); within "
+            "5% of tuned Adam on 1 of 2 problems.") in text
+    # Only held-out problems: said so.
+    held_out = synthetic_results(WORST_CASE_FINALS,
+                                 dict.fromkeys(WORST_CASE_FINALS, "held_out"))
+    (tmp_path / "h").mkdir()
+    text = write_synthetic(held_out, tmp_path / "h", monkeypatch)
+    assert "Problem set: **held-out** (never tuned on" in text
+
+
+def test_both_sets_are_reported_apart(tmp_path, monkeypatch):
+    results = synthetic_results(WORST_CASE_FINALS, {"p3": "held_out"})
+    text = write_synthetic(results, tmp_path, monkeypatch)
+    assert "**calibration** (tuned on) and **held-out** (never tuned on)" in text
+    calibration, held_out = text.split("## Held-out set (never tuned on)")
+    calibration = calibration.split("## Calibration set (tuned on)")[1]
+    rows = [line.split(" | ")[0] for line in held_out.split("\n## p1")[0]
+            .splitlines() if re.match(r"\| p\d ", line)]
+    assert set(rows) == {"| p3"}
+    assert "| p3 |" not in calibration and "| p1 |" in calibration
+    # The worst case within each set.
+    assert "- **Lion**: worst ratio 1.50 (on p1); within 5% of tuned Adam " \
+        "on 1 of 2 problems." in calibration
+    assert "- **Lion**: worst ratio 3.00 (on p3)." in held_out
+
+
+def test_a_held_out_run_writes_its_own_folder_and_says_so(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    results, config = compare.main(
+        ["--quick", "--set", "held_out", "--problems", "friedman_mlp",
+         "--optimizers", "adam", "--lrs", "0.01", "--steps", "4"])
+    assert config["set"] == "held_out"
+    assert results["friedman_mlp"]["problem"]["set"] == "held_out"
+    (folder,) = (tmp_path / compare.RUNS).iterdir()
+    assert re.fullmatch(r"quick-held_out-\d{8}-\d{6}", folder.name)
+    text = (folder / "report.md").read_text()
+    assert "Problem set: **held-out**" in text
+    assert "quick mode, held_out set" in capsys.readouterr().out
