@@ -1,4 +1,4 @@
-"""Measures issue 17's candidate radius controllers against the library's.
+"""Measures the candidate radius controllers of `designs.py` against the library's.
 
     python benchmarks/controller_designs.py
         [--designs soaa_ratio,soaa_ratio_t,...] [--seeds 3]
@@ -133,7 +133,7 @@ def aggregate(args):
         f"{report.summarize(reference[p])['adam']['final']['mean']:.4g}"
         for p in problems)
     lines = [
-        "# Candidate radius controllers (issue 17)",
+        "# Candidate radius controllers",
         "",
         "`python benchmarks/controller_designs.py` (JAX, "
         f"{args.seeds} seeds, every problem's full learning-rate grid; the "

@@ -33,7 +33,7 @@ NAMES = {
     "schedulefree": "ScheduleFreeAdamW",
     "muon": "Muon",
     "lion": "Lion",
-    # Issue 17's prototype controllers (`designs.py`).
+    # The prototype controllers and configurations of `designs.py`.
     "soaa_ratio": "SOAA-ratio",
     "soaa_ratio_cosine": "SOAA-ratio + cosine",
     "soaa_ratio_log": "SOAA-ratio-log",
@@ -276,7 +276,7 @@ def rate_width(item, factor=2.0):
 
 
 def target_figures(summary, optimizer):
-    """The issue's targets' figures for one optimizer on one problem.
+    """The controller targets' figures for one optimizer on one problem.
 
     - T1 `steps_ratio`: steps to reach tuned Adam's final training loss,
       over Adam's own (`inf`: never reached).
@@ -736,7 +736,7 @@ def _width_text(width):
 
 
 def targets_section(summaries, level="##"):
-    """The issue's targets (T1-T3, T4's interior part), per SOAA variant.
+    """The controller targets (T1-T3, T4's interior part), per SOAA variant.
 
     Needs Adam in the run; empty otherwise. `level`: the heading's.
     """

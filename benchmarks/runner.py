@@ -30,7 +30,7 @@ def is_soaa(name):
 
 
 def is_design(name):
-    """A prototype controller of `designs.py` (issue 17's candidates)."""
+    """A prototype controller or configuration of `designs.py`."""
     return name in designs.names()
 
 

@@ -11,7 +11,7 @@ ScheduleFreeAdamW) and once per (radius_learning_rate, bounds) for
 `soaa_hd` (SOAA with `controller="hypergradient"`, constant rate), each over
 the problems' full learning-rate grids, then tabulates per setting: the
 final training loss at its tuned rate, its ratio to Adam's, the radius'
-interior fraction, and the issue's targets T1-T3 (`report.target_figures`).
+interior fraction, and the controller targets T1-T3 (`report.target_figures`).
 `--aggregate-only` re-reads the runs already in `--dir`.
 """
 
