@@ -258,7 +258,7 @@ def compare_finals(mine, other):
     return "ties" if abs(gap) <= margin else "wins" if gap < 0 else "loses"
 
 
-# -- the issue's targets for a controller ---------------------------------------
+# -- the controller targets ---------------------------------------------------
 
 # T2's reference: the best of these two (those that ran).
 SCHEDULED_PEERS = ("adam_cosine", "schedulefree")
