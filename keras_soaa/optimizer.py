@@ -233,13 +233,13 @@ class SOAA(keras.optimizers.Optimizer):
         # In `update_step` instead, where a skipped step skips it too.
         return
 
-    def _weight_decay_of(self, variable):
+    def weight_decay_of(self, variable):
         """`weight_decay` for `variable`, or `None` if it is not decayed."""
         decayed = self.weight_decay is not None and internals.uses_weight_decay(
             self, variable)
         return self.weight_decay if decayed else None
 
-    def _moments_of(self, variable):
+    def moments_of(self, variable):
         """The `(m, v)` variables of `variable`."""
         index = internals.variable_index(self, variable)
         return self._momentums[index], self._velocities[index]
@@ -250,7 +250,7 @@ class SOAA(keras.optimizers.Optimizer):
             # No element: nothing to update, nothing predicted (and Keras'
             # TensorFlow `ops.add` fails on some empty shapes, e.g. (0, 2)).
             return
-        m_variable, v_variable = self._moments_of(variable)
+        m_variable, v_variable = self.moments_of(variable)
         dtype = m_variable.dtype  # the compute dtype (`moment_dtype`)
         scalars = maths.step_scalars(learning_rate, self.iterations, self.radius,
                                      self.beta_1, self.beta_2, dtype)
@@ -274,7 +274,7 @@ class SOAA(keras.optimizers.Optimizer):
         direction = maths.step_direction(new_m, new_v, c, scalars, self.epsilon)
         new_theta = maths.new_weight(
             ops.cast(old_theta, dtype), direction, scalars,
-            self._weight_decay_of(variable), variable.dtype,
+            self.weight_decay_of(variable), variable.dtype,
         )
         predicted = maths.predicted_reduction(
             *maths.predicted_reduction_sums(new_m, new_v, direction), scalars

@@ -13,11 +13,16 @@
 Whichever runs, the controller adapts the radius after it (`SOAA.adapt_radius`).
 """
 
+import weakref
+
 import keras
 from keras import ops
 
 from keras_soaa import _keras_internals as internals
-from keras_soaa.compile import compile_state_update
+from keras_soaa.compile import CompiledCache, compile_state_update
+
+# Per optimizer: its XLA-compiled update, per list of variables.
+_xla_updates = weakref.WeakKeyDictionary()
 
 
 def update_variables(optimizer, grads, variables, learning_rate):
@@ -37,7 +42,7 @@ def update_variables(optimizer, grads, variables, learning_rate):
         optimizer.adapt_radius()
     elif optimizer.fused is not False and _tf_eager_without_strategy(backend):
         variables = list(variables)
-        update = optimizer._compiled.get(
+        update = _xla_updates.setdefault(optimizer, CompiledCache()).get(
             ("update", *map(id, variables)),
             lambda: compile_state_update(
                 lambda grads, lr: (grads, lr),

@@ -146,7 +146,7 @@ def update_variables(optimizer, grads, variables, learning_rate):
     for grad, variable in zip(grads, variables):
         if 0 in tuple(variable.shape):
             continue  # no element: nothing to update, nothing predicted
-        m, v = optimizer._moments_of(variable)
+        m, v = optimizer.moments_of(variable)
         groups.setdefault(m.dtype, []).append((grad, variable, m, v))
     for dtype, members in groups.items():
         grads, variables, momentums, velocities = zip(*members)
@@ -160,7 +160,7 @@ def update_variables(optimizer, grads, variables, learning_rate):
             [variable.value for variable in variables],
             [m.value for m in momentums],
             [v.value for v in velocities],
-            [optimizer._weight_decay_of(variable) for variable in variables],
+            [optimizer.weight_decay_of(variable) for variable in variables],
             scalars,
             beta_1=optimizer.beta_1,
             beta_2=optimizer.beta_2,
@@ -168,7 +168,8 @@ def update_variables(optimizer, grads, variables, learning_rate):
             sums=optimizer.controller.sums,
         )
         optimizer.predicted_reduction.assign_add(predicted)
-        for variable, total in zip(optimizer._controller_sums, totals):
+        # The controller's variables: its sums first, in declaration order.
+        for variable, total in zip(optimizer.controller_state().values(), totals):
             variable.assign_add(total)
 
 
