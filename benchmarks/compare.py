@@ -21,9 +21,9 @@ overrides the mode's value):
   learning-rate grid (calibration: about 3 minutes on 2 idle CPU cores, at
   most 10 on busy ones; held-out: about 8).
 - `--full`: every problem of the set (also the Transformer and the CNNs)
-  and every default optimizer: the README's tables (calibration: about 30
+  and every default optimizer: the README's tables (calibration: about 20
   minutes on 2 cores; held-out: about 40, most of it `shapes_cnn`).
-- `--quick`: a smoke run of every problem of the set with SOAA-HD, SOAA,
+- `--quick`: a smoke run of every problem of the set with the recommended SOAA, SOAA,
   Adam and ScheduleFreeAdamW: 1 seed, the two middle rates of each grid, 10
   steps (about a minute per set; its numbers mean nothing).
 
@@ -152,7 +152,7 @@ MODES = {
     "full": Mode(
         "full",
         "every problem of the set and every default optimizer: the README's "
-        "tables (calibration: about 30 min on 2 cores)",
+        "tables (calibration: about 20 min on 2 cores)",
         problems="all",
         optimizers=("soaa", "soaa_cosine", "soaa_hd", "soaa_hd_cosine",
                     "soaa_gr", "soaa_gr_cosine", "adam", "adam_cosine",
