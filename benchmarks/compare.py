@@ -21,14 +21,14 @@ overrides the mode's value):
   learning-rate grid (calibration: about 3 minutes on 2 idle CPU cores, at
   most 10 on busy ones; held-out: about 8).
 - `--full`: every problem of the set (also the Transformer and the CNNs)
-  and every default optimizer: the README's tables (calibration: about 20
+  and every default optimizer: the results page's tables (calibration: about 20
   minutes on 2 cores; held-out: about 40, most of it `shapes_cnn`).
 - `--quick`: a smoke run of every problem of the set with the recommended SOAA, SOAA,
   Adam and ScheduleFreeAdamW: 1 seed, the two middle rates of each grid, 10
   steps (about a minute per set; its numbers mean nothing).
 
 Problem sets (`problems.SETS`, `--set`): `calibration` (the default; the
-six problems controllers may be tuned on, the README's tables),
+six problems controllers may be tuned on, the results page's tables),
 `held_out` (seven other problems, never looked at while tuning, to judge
 an optimizer on) or `all` (both; the report shows each set in its own
 section). A mode picks its problems within the set; `--problems` names
