@@ -34,7 +34,7 @@ import keras
 from keras import ops
 
 import keras_soaa
-from keras_soaa.controllers import Controller, Sum
+from keras_soaa.controllers import Controller, Sum, hypergradient
 
 DESIGNS = ("ratio", "ratio_log", "hd_snr", "hd_floor")
 
@@ -89,10 +89,7 @@ class DesignController(Controller):
                 log_radius = log_radius + self.gamma * ops.clip(
                     2.0 * (rho - self.target), -1.0, 1.0)
         elif self.design == "hd_floor":
-            norms = ops.sqrt(sums.gradient_sq) * ops.sqrt(sums.direction_sq)
-            cosine = ops.divide(sums.alignment, ops.where(norms > 0.0, norms, 1.0))
-            cosine = ops.where(ops.isfinite(cosine), ops.clip(cosine, -1.0, 1.0), 0.0)
-            log_radius = log_radius + self.gamma * cosine
+            log_radius = log_radius + self.gamma * hypergradient.cosine(sums)
             total = float(settings.total_steps or 0)
             progress = (ops.minimum(ops.cast(iterations, "float32") / total, 1.0)
                         if total else 0.0)

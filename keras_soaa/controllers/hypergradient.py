@@ -12,6 +12,13 @@ from keras_soaa.controllers.base import (
 from keras_soaa.controllers.registry import register
 
 
+def cosine(sums):
+    """`cos(g, q_prev)` from the step's sums; 0 where a norm is 0 or not finite."""
+    norms = ops.sqrt(sums.gradient_sq) * ops.sqrt(sums.direction_sq)
+    value = ops.divide(sums.alignment, ops.where(norms > 0.0, norms, 1.0))
+    return ops.where(ops.isfinite(value), ops.clip(value, -1.0, 1.0), 0.0)
+
+
 @register("hypergradient")
 class HypergradientController(Controller):
     """`d` grows while the gradient keeps pointing along the last step.
@@ -43,8 +50,5 @@ class HypergradientController(Controller):
 
     def adapt(self, radius, state, sums, iterations, settings: Settings):
         """Returns `(radius, state)` after one step (the rule above)."""
-        norms = ops.sqrt(sums.gradient_sq) * ops.sqrt(sums.direction_sq)
-        cosine = ops.divide(sums.alignment, ops.where(norms > 0.0, norms, 1.0))
-        cosine = ops.where(ops.isfinite(cosine), ops.clip(cosine, -1.0, 1.0), 0.0)
-        log_radius = ops.log(radius) + settings.radius_learning_rate * cosine
+        log_radius = ops.log(radius) + settings.radius_learning_rate * cosine(sums)
         return clip_log_radius(log_radius, settings), state
