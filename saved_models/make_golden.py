@@ -61,12 +61,34 @@ BACKENDS = ("tensorflow", "jax", "torch")
 COMMAND = ".venv/bin/python saved_models/make_golden.py"
 
 
-def make_optimizer(backend):
-    """The SOAA configuration of `backend`'s golden file."""
+# The files of later state layouts, written by keras-soaa 0.4.0 (the last
+# release with layouts 2 and 3): name -> (backend, state layout). Written
+# with `--layouts`; the layout-1 files above are not rewritten then.
+LATER_LAYOUTS = {
+    "soaa_hypergradient_jax": ("jax", 2),
+    "soaa_gradient_ratio_torch": ("torch", 3),
+}
+
+
+def make_optimizer(backend, stem=None):
+    """The SOAA configuration of `backend`'s golden file (or of `stem`'s)."""
     import keras
 
     from keras_soaa import SOAA
 
+    if stem == "soaa_hypergradient_jax":
+        return SOAA(
+            learning_rate=0.05, controller="hypergradient", initial_radius=1.2,
+            radius_learning_rate=0.2, min_radius=0.5, max_radius=4.0,
+        )
+    if stem == "soaa_gradient_ratio_torch":
+        from keras_soaa.controllers import GradientRatioController
+
+        schedule = keras.optimizers.schedules.CosineDecay(0.05, decay_steps=12)
+        return SOAA(
+            learning_rate=schedule, weight_decay=0.01, radius_learning_rate=0.1,
+            controller=GradientRatioController(decay=0.8, grow_above=0.4),
+        )
     if backend == "tensorflow":
         return SOAA(learning_rate=0.05, radius_bound=0.9, initial_radius=1.3)
     if backend == "jax":
@@ -82,8 +104,8 @@ def make_optimizer(backend):
     raise ValueError(backend)
 
 
-def make_one(backend):
-    """Writes soaa_<backend>.{keras,npz,json}; runs under that backend."""
+def make_one(backend, name=None):
+    """Writes <name>.{keras,npz,json} (soaa_<backend>); runs under `backend`."""
     sys.path.insert(0, ROOT)
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     import keras
@@ -94,16 +116,20 @@ def make_one(backend):
 
     assert keras.backend.backend() == backend
     x, y = w.make_data(seed=1)
-    model = w.make_model(make_optimizer(backend), seed=0)
+    model = w.make_model(make_optimizer(backend, name), seed=0)
     w.fit(model, x, y, epochs=3, callbacks=[w.StopAfterEpoch(2)])
 
-    stem = os.path.join(HERE, f"soaa_{backend}")
+    stem = os.path.join(HERE, name or f"soaa_{backend}")
     model.save(stem + ".keras")
     restored = w.model_state(model)
     predictions = w.to_numpy(model(x))
     config = model.optimizer.get_config()
     names = w.variable_names(model)
-    scalars = w.scalar_state(model)
+    # Every scalar of the optimizer after its moments, by name.
+    scalars = {
+        v.name: float(w.to_numpy(v)) for v in model.optimizer.variables
+        if tuple(v.shape) == () and v.name not in ("iteration", "learning_rate")
+    }
 
     fed = w.fit(model, x, y, epochs=3, initial_epoch=2)
     continued = w.model_state(model)
@@ -139,17 +165,21 @@ def make_one(backend):
 
 def main():
     """Writes the files of every backend, each in its own process."""
-    if len(sys.argv) == 3 and sys.argv[1] == "--backend":
-        make_one(sys.argv[2])
+    if len(sys.argv) >= 3 and sys.argv[1] == "--backend":
+        make_one(*sys.argv[2:])
         return
-    for backend in BACKENDS:
+    if sys.argv[1:] == ["--layouts"]:
+        jobs = [(backend, name) for name, (backend, _) in LATER_LAYOUTS.items()]
+    else:
+        jobs = [(backend, f"soaa_{backend}") for backend in BACKENDS]
+    for backend, name in jobs:
         env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
         subprocess.run(
-            [sys.executable, os.path.abspath(__file__), "--backend", backend],
+            [sys.executable, os.path.abspath(__file__), "--backend", backend, name],
             env=env, cwd=ROOT, check=True,
         )
         for ext in ("keras", "npz", "json"):
-            path = os.path.join(HERE, f"soaa_{backend}.{ext}")
+            path = os.path.join(HERE, f"{name}.{ext}")
             print(f"{os.path.relpath(path, ROOT)}: {os.path.getsize(path)} bytes")
 
 
