@@ -16,6 +16,9 @@ Keras' own optimizers and callbacks override too:
   the state it held before the last batch's callbacks.
 """
 
+import os
+import sys
+
 import keras
 from keras import StatelessScope
 from keras.src.backend.common.stateless_scope import in_stateless_scope
@@ -24,6 +27,7 @@ from keras.src.utils.tracking import DotNotTrackScope
 __all__ = [
     "HookedTrainFunction",
     "callback_model",
+    "in_fit",
     "in_stateless_scope",
     "loss_tracker",
     "overwritten_with_gradient",
@@ -41,6 +45,27 @@ __all__ = [
 # `in_stateless_scope()`: `SOAA.stateless_observe_loss` runs `observe_loss`
 # in a `keras.StatelessScope`, whose assignments a `tf.function` would hide;
 # the optimizer runs the controller eagerly there.
+
+
+_TRAINERS = os.path.join(os.path.dirname(keras.__file__), "src", "backend")
+
+
+def in_fit() -> bool:
+    """Whether a Keras `Model.fit` is on the call stack.
+
+    SOAA warns at the first `apply` of a `fit` that feeds its loss-driven
+    controller no loss (no `TrustRegionCallback`); a custom loop calls
+    `observe_loss` only after its first `apply`. Each backend's `fit` is in
+    `keras/src/backend/<backend>/trainer.py` (also in Keras' development
+    branch); compiled steps are traced from it, so this also holds there.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "fit" and code.co_filename.startswith(_TRAINERS):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def loss_tracker(model):

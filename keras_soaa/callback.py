@@ -10,7 +10,6 @@ from keras import ops
 
 from keras_soaa import _keras_internals as internals
 from keras_soaa.compile import CompiledCache, compile_state_update, read_value
-from keras_soaa.controllers import TrustRegionState
 from keras_soaa.optimizer import SOAA
 
 
@@ -76,7 +75,7 @@ class BatchLossMean(keras.metrics.Mean):
         super().update_state(values, sample_weight=sample_weight)
 
 
-def hand_over_loss(state, iterations, observed_iterations, pending, unread,
+def hand_over_loss(values, iterations, observed_iterations, pending, unread,
                    *, observe):
     """One batch's hand-over of the tracked loss to the controller (pure).
 
@@ -86,9 +85,10 @@ def hand_over_loss(state, iterations, observed_iterations, pending, unread,
     weighted mean and clears it; otherwise keeps it for the next step.
 
     Returns:
-        `(state, observed_iterations, pending, unread, report)`: the new
-        values, with `unread` cleared, and `report` a float32 vector
-        `[observed (0 or 1), loss, *state]` (read it with
+        `(values, observed_iterations, pending, unread, report)`: the new
+        values (the controller's, `(radius, *sums, *state)`), with `unread`
+        cleared, and `report` a float32 vector
+        `[observed (0 or 1), loss, *values]` (read it with
         `HandOverReport.from_vector`).
     """
     total = pending[0] + unread[0]
@@ -97,17 +97,15 @@ def hand_over_loss(state, iterations, observed_iterations, pending, unread,
         ops.not_equal(iterations, observed_iterations), ops.greater(count, 0.0)
     )
     loss = ops.divide(total, ops.where(ready, count, 1.0))
-    observed = observe(state, loss, iterations)
-    state = type(state)(
-        *(ops.where(ready, new, old) for new, old in zip(observed, state))
-    )
+    observed = observe(values, loss, iterations)
+    values = tuple(ops.where(ready, new, old) for new, old in zip(observed, values))
     zero = ops.zeros_like(total)
     return (
-        state,
+        values,
         ops.where(ready, iterations, observed_iterations),
         (ops.where(ready, zero, total), ops.where(ready, zero, count)),
         (zero, zero),
-        ops.stack([ops.cast(ready, "float32"), loss, *state]),
+        ops.stack([ops.cast(ready, "float32"), loss, *values]),
     )
 
 
@@ -120,7 +118,12 @@ class HandOverReport(NamedTuple):
 
     observed: bool  # whether the controller observed a loss this batch
     loss: float  # the loss handed over (the pending weighted mean)
-    state: TrustRegionState  # the controller state after the hand-over
+    values: tuple  # the controller's `(radius, *sums, *state)` after it
+
+    @property
+    def radius(self) -> float:
+        """The radius after the hand-over."""
+        return self.values[0]
 
     @classmethod
     def from_vector(cls, vector) -> "HandOverReport":
@@ -128,7 +131,7 @@ class HandOverReport(NamedTuple):
         vector = np.asarray(vector)
         return cls(
             bool(vector[0]), float(vector[1]),
-            TrustRegionState(*(float(x) for x in vector[2:])),
+            tuple(float(x) for x in vector[2:]),
         )
 
 
@@ -163,7 +166,7 @@ class _LossHandOver:
 
     def __call__(self) -> HandOverReport:
         """Hands the unread loss over; returns the batch's report."""
-        observer = self.optimizer.loss_observer()
+        observer = self.optimizer._loss_update()
         run = self._compiled.get(
             observer,
             lambda: compile_state_update(
@@ -182,13 +185,13 @@ class _LossHandOver:
         `iterations_before`, read before the train step. Returns what the
         step adds to its logs: the report vector and the new radius.
         """
-        state, _, pending, unread, report = hand_over_loss(
-            self.optimizer.trust_region_state(),
+        values, _, pending, unread, report = hand_over_loss(
+            self.optimizer._controller_values(),
             read_value(self.optimizer.iterations), iterations_before,
             *self._tracked_sums(), observe=observer,
         )
-        self._assign_tracked(state, pending, unread)
-        return {REPORT_LOG: report, "radius": state.radius}
+        self._assign_tracked(values, pending, unread)
+        return {REPORT_LOG: report, "radius": values[0]}
 
     def train_function(self, model):
         """`model`'s train function with `in_step` after each step.
@@ -197,7 +200,7 @@ class _LossHandOver:
         later `fit`s reuse its compiled program.
         """
         own = internals.own_train_function(model)
-        observer = self.optimizer.loss_observer()
+        observer = self.optimizer._loss_update()
         if self._in_step_function[:2] != (own, observer):
             # The observer it is cached for is the one it compiles.
             self._in_step_function = (own, observer, internals.train_function_around(
@@ -214,8 +217,8 @@ class _LossHandOver:
             (read_value(tracker.unread_total), read_value(tracker.unread_count)),
         )
 
-    def _assign_tracked(self, state, pending, unread):
-        self.optimizer.assign_trust_region_state(state)
+    def _assign_tracked(self, values, pending, unread):
+        self.optimizer._assign_controller_values(values)
         tracker = self._tracker
         for variable, value in zip(
             (tracker.pending_total, tracker.pending_count,
@@ -226,15 +229,15 @@ class _LossHandOver:
 
     def _inputs(self):
         return (
-            self.optimizer.trust_region_state(),
+            self.optimizer._controller_values(),
             read_value(self.optimizer.iterations),
             read_value(self._observed_iterations),
             *self._tracked_sums(),
         )
 
     def _assign(self, outputs):
-        state, observed_iterations, pending, unread, report = outputs
-        self._assign_tracked(state, pending, unread)
+        values, observed_iterations, pending, unread, report = outputs
+        self._assign_tracked(values, pending, unread)
         self._observed_iterations.assign(observed_iterations)
         return report
 
@@ -363,7 +366,7 @@ class TrustRegionCallback(keras.callbacks.Callback):
                 "`SOAA(total_steps=...)` (the number of optimizer steps of "
                 "the run) or `fit(..., steps_per_epoch=...)`."
             )
-        self._optimizer.attach_loss_observer()
+        self._optimizer._loss_observer_attached = True
         tracker = _use_batch_loss_tracker(self.model)
         # Reused by later `fit`s (and callbacks): its compiled call too.
         self._hand_over = tracker.hand_over
@@ -428,7 +431,7 @@ class TrustRegionCallback(keras.callbacks.Callback):
         if threading.get_ident() == self._fit_thread:
             self._hand_over_after_batch()
         if logs is not None and self._report is not None:
-            logs["radius"] = self._report.state.radius
+            logs["radius"] = self._report.radius
 
     def _hand_over_after_batch(self):
         self._owing_batch = None
@@ -471,9 +474,9 @@ class TrustRegionCallback(keras.callbacks.Callback):
             # attaching the state it held before the last batch's callbacks,
             # which undoes that batch's observation: write it again (no step
             # came since; normally this writes the values already there).
-            self._optimizer.assign_trust_region_state(report.state)
+            self._optimizer._assign_controller_values(report.values)
         if logs is not None:
             logs["radius"] = (
-                report.state.radius if report is not None  # else no batch yet
+                report.radius if report is not None  # else no batch yet
                 else float(ops.convert_to_numpy(self._optimizer.radius))
             )

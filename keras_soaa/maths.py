@@ -10,9 +10,12 @@ sums      = curvature_sums(new_m, new_v)           # sum(m^2), sum(v)
 c, sum_v_hat_eps = curvature_scale(sums, n, scalars, epsilon)
 q         = step_direction(new_m, new_v, c, scalars, epsilon)
 theta     = new_weight(theta, q, scalars, weight_decay, dtype)
-predicted = predicted_reduction(*predicted_reduction_sums(new_m, new_v, q), scalars)
 ok        = is_finite_step(c, sum_v_hat_eps, scalars)
+totals    = step_sums(controller.sums, g, m, v, scalars, epsilon, predicted)
 ```
+
+where `predicted` gives `predicted_reduction(*predicted_reduction_sums(new_m,
+new_v, q), scalars)`, computed only for a controller that reads it.
 
 (with `beta_1 <= beta_2`, `ok = moments_are_finite(new_v, scalars)` right
 after `moments`: the same decision, known before the sums).
@@ -29,6 +32,10 @@ from typing import NamedTuple
 
 import keras
 from keras import ops
+
+# The operand of a controller's sum that is the step's predicted reduction
+# (`keras_soaa.controllers.Sum`).
+PREDICTED_REDUCTION = "predicted_reduction"
 
 # The largest finite value of the 16-bit float dtypes, whose variables are
 # updated in float32 and rounded once at the end.
@@ -245,6 +252,23 @@ def previous_direction(m, v, scalars: StepScalars, epsilon):
     """
     scale = ops.rsqrt(scalars.previous_beta_2_correction)
     return ops.divide(m, ops.add(ops.multiply(ops.sqrt(v), scale), epsilon))
+
+
+def step_sums(sums, gradient, m, v, scalars: StepScalars, epsilon, predicted):
+    """One variable's values of a controller's `sums`, each `(name, left, right)`.
+
+    `sum(left * right)` from `g` and the moments before the step, or, for
+    `left == PREDICTED_REDUCTION`, `predicted()`. Only what `sums` reads is
+    computed.
+    """
+    operands = {"gradient": gradient, "momentum": m, "velocity": v}
+    if any("previous_direction" in s[1:] for s in sums):
+        operands["previous_direction"] = previous_direction(m, v, scalars, epsilon)
+    return tuple(
+        predicted() if s[1] == PREDICTED_REDUCTION
+        else ops.sum(ops.multiply(operands[s[1]], operands[s[2]]))
+        for s in sums
+    )
 
 
 def finite_or_zero(value, is_finite):

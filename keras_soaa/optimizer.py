@@ -1,19 +1,21 @@
 """`SOAA`: Adam moments, a diagonal Fisher estimate and an adaptive trust region."""
 
+import functools
 import warnings
+from collections import namedtuple
+from typing import NamedTuple
 
 import keras
 from keras import ops
 
 from keras_soaa import _keras_internals as internals
-from keras_soaa import backends, controllers, maths, validation
+from keras_soaa import _migration, backends, controllers, maths, validation
 from keras_soaa.compile import CompiledCache, compile_state_update, read_value
-from keras_soaa.controllers import Observer, Settings, TrustRegionState
 
-# The newest state layout this keras-soaa reads: a file saved by a newer one
-# is refused, not mis-loaded (Keras restores optimizer variables by
-# position). Each controller says which layout it saves.
-STATE_LAYOUT_VERSION = 3
+# The state layout this keras-soaa saves (docs/saving.md, "State layout"):
+# Keras restores optimizer variables by position, so their order is a file
+# format. `_migration` reads the older ones.
+STATE_LAYOUT_VERSION = _migration.STATE_LAYOUT_VERSION
 
 
 def moment_dtype(dtype):
@@ -26,6 +28,61 @@ def moment_dtype(dtype):
     return "float32" if dtype in maths.LARGEST_FINITE else dtype
 
 
+@functools.cache
+def _named(names: tuple[str, ...]):
+    # The named tuple type of a controller's `sums` or `state`.
+    return namedtuple("Values", names)
+
+
+def _controller_update(controller, context, values, loss=None):
+    """`controller.update` on its flat values `(radius, *sums, *state)` (pure).
+
+    Returns the new flat values, the sums cleared: they total the steps
+    since the controller's last update.
+    """
+    count = len(controller.sums)
+    sums, state = values[1:1 + count], values[1 + count:]
+    radius, state = controller.update(
+        values[0], _named(controller.state)(*state),
+        _named(tuple(s.name for s in controller.sums))(*sums), context, loss,
+    )
+    return (radius, *map(ops.zeros_like, sums), *state)
+
+
+class _LossUpdate(NamedTuple):
+    """The update for one observed loss, `(values, loss, iterations) -> values`.
+
+    Hashable: it keys the compiled function of whoever feeds losses.
+    """
+
+    controller: controllers.Controller
+    total_steps: int | None
+    beta_1: float
+    epsilon: float
+
+    def __call__(self, values, loss, iterations):
+        """The controller's new flat values (unchanged unless `needs_loss`)."""
+        if not self.controller.needs_loss:
+            return values
+        context = controllers.Context(
+            ops.cast(iterations, "float32"), *self[1:])
+        return _controller_update(self.controller, context, values, loss)
+
+
+def _controller_variable(name):
+    # A property for a variable that the paper's controller (the spec's
+    # public names) has; other controllers may not.
+    def get(self):
+        variables = self.controller_state()
+        if name not in variables:
+            raise AttributeError(
+                f"SOAA's controller {self.controller!r} keeps no `{name}`; "
+                f"its variables: {', '.join(variables)}.")
+        return variables[name]
+
+    return property(get, doc=f"The controller's `{name}` variable (paper's).")
+
+
 @keras.saving.register_keras_serializable(package="keras_soaa")
 class SOAA(keras.optimizers.Optimizer):
     """SOAA: second-order adaptive Adam with an adaptive trust region.
@@ -35,7 +92,8 @@ class SOAA(keras.optimizers.Optimizer):
     a diagonal Fisher estimate (O(n) memory and time) and scales each step by
     a trust-region radius `d`, which its controller adapts.
 
-    For every variable `theta` with gradient `g`, at step `t`:
+    For every variable `theta` with gradient `g`, at step `t`
+    (docs/algorithm.md, "One step"):
 
     ```
     m     = beta_1 * m + (1 - beta_1) * g
@@ -47,7 +105,6 @@ class SOAA(keras.optimizers.Optimizer):
     r     = maximum(d * F, sqrt(v_hat))
     u     = d * m_hat / (r + epsilon)
     theta = theta - learning_rate * u
-    predicted_reduction += learning_rate * sum(m_hat * u - v_hat * u**2 / 2)
     ```
 
     The controller moves `d` (`keras_soaa.controllers`); the default, the
@@ -63,20 +120,14 @@ class SOAA(keras.optimizers.Optimizer):
         beta_2: Float in `[0, 1)`: decay of `v`. Defaults to `0.999`.
         epsilon: Float > 0 for numerical stability, also the floor of the
             predicted reduction in the paper's ratio. Defaults to `1e-8`.
-        radius_bound: Float in `(0, 1)`: the paper controller's bounds on `d`
-            narrow from `[1, 2]` to `[1 - radius_bound, 1 + radius_bound]`
-            over `total_steps`. Defaults to `0.1`.
-        total_steps: `None` or an integer >= 1, set by `TrustRegionCallback`
-            from `fit` when `None`. Defaults to `None`.
+        total_steps: `None` or an integer >= 1: the number of optimizer
+            steps of the run, set by `TrustRegionCallback` from `fit` when
+            `None`. Defaults to `None`.
         initial_radius: Float > 0: `d` before it adapts. Defaults to `1.0`.
         controller: A registered name (`keras_soaa.controllers.names()`)
-            or a `keras_soaa.controllers.Controller`. Defaults to the
-            paper's (`keras_soaa.controllers.DEFAULT`).
-        radius_learning_rate: Float >= 0: the gradient-driven controllers'
-            step on `log d`. Defaults to `0.05`.
-        min_radius: Float > 0: their lower bound on `d`. Defaults to `0.1`.
-        max_radius: Float >= `min_radius`: their upper bound. Defaults to
-            `10.0`.
+            or a `keras_soaa.controllers.Controller`, which holds its own
+            constants (e.g. `PaperController(radius_bound=0.1)`). Defaults
+            to the paper's.
         fused: `None` for the backend's fast path where it has one (torch:
             multi-tensor kernels; eager TensorFlow: one XLA call), `False`
             for the portable per-variable `update_step`. Defaults to `None`.
@@ -85,6 +136,8 @@ class SOAA(keras.optimizers.Optimizer):
         **kwargs: `clipnorm`, `clipvalue`, `global_clipnorm`, `use_ema`,
             `ema_momentum`, `ema_overwrite_frequency`, `loss_scale_factor`,
             `gradient_accumulation_steps`, `name`: as in Keras' `Optimizer`.
+            (`radius_bound`, `radius_learning_rate`, `min_radius` and
+            `max_radius` are deprecated: pass them to the controller.)
     """
 
     def __init__(
@@ -93,21 +146,17 @@ class SOAA(keras.optimizers.Optimizer):
         beta_1=0.9,
         beta_2=0.999,
         epsilon=1e-8,
-        radius_bound=0.1,
         total_steps=None,
         initial_radius=1.0,
         controller=controllers.DEFAULT,
-        radius_learning_rate=0.05,
-        min_radius=0.1,
-        max_radius=10.0,
         fused=None,
         weight_decay=None,
         **kwargs,
     ):
+        controller = _migration.controller_with_deprecated_arguments(controller, kwargs)
         validation.validate_hyperparameters(
-            learning_rate, beta_1, beta_2, epsilon, radius_bound, total_steps,
-            initial_radius, weight_decay, radius_learning_rate, min_radius,
-            max_radius, fused,
+            learning_rate, beta_1, beta_2, epsilon, total_steps, initial_radius,
+            weight_decay, fused,
         )
         controller = controllers.get(controller)
         number = validation.python_number  # `get_config` must stay JSON
@@ -119,31 +168,18 @@ class SOAA(keras.optimizers.Optimizer):
         self.beta_1 = float(beta_1)
         self.beta_2 = float(beta_2)
         self.epsilon = float(epsilon)
-        self.radius_bound = float(radius_bound)
         self.total_steps = None if total_steps is None else int(total_steps)
         self.initial_radius = float(initial_radius)
-        self.radius_learning_rate = float(radius_learning_rate)
-        self.min_radius = float(min_radius)
-        self.max_radius = float(max_radius)
         self.fused = fused
         self.controller = controller
-        controller.validate(self.settings)
+        controller.validate(self.initial_radius)
         # For the one-time warning of `apply`; not part of the saved state.
         self._loss_observer_attached = self._loss_observed = False
-        self._warned_no_loss_observed = False
+        self._applies_without_loss = 0
         self._compiled = CompiledCache()
 
-    @property
-    def settings(self) -> Settings:
-        """The hyperparameters the controller reads, as they are now."""
-        return Settings(
-            self.beta_1, self.epsilon, self.total_steps, self.radius_bound,
-            self.initial_radius, self.radius_learning_rate, self.min_radius,
-            self.max_radius,
-        )
-
     def build(self, var_list):
-        """Creates `m`, `v` per variable, the five shared scalars, the controller's.
+        """Creates `m`, `v` per variable, then the radius and the controller's.
 
         Args:
             var_list: list of model variables to build SOAA variables on.
@@ -153,78 +189,73 @@ class SOAA(keras.optimizers.Optimizer):
         super().build(var_list)
         self._momentums, self._velocities = [], []
         for variable in var_list:
-            # As `add_optimizer_variables`, with the dtype of `moment_dtype`.
+            # As `add_variable_from_reference`, with `moment_dtype`'s dtype
+            # (a raw `tf.Variable` has a name but no path).
+            path = getattr(variable, "path", None) or variable.name.split(":")[0]
             for slots, name in ((self._momentums, "momentum"),
                                 (self._velocities, "velocity")):
                 slots.append(None if internals.overwritten_with_gradient(
                     self, variable) else self.add_variable(
                         shape=variable.shape, dtype=moment_dtype(variable.dtype),
-                        name=f"{variable.path.replace('/', '_')}_{name}",
+                        name=f"{path.replace('/', '_')}_{name}",
                         layout=internals.variable_layout(variable),
                 ))
+        controller = self.controller
+        names = ("state_layout", "radius", *(s.name for s in controller.sums),
+                 *controller.state)
+        initial = {"state_layout": float(STATE_LAYOUT_VERSION),
+                   "radius": self.initial_radius}
         scalars = [
             self.add_variable(
                 shape=(), dtype="float32", aggregation="only_first_replica",
-                initializer=keras.initializers.Constant(
-                    self.initial_radius if name == "radius" else 0.0),
+                initializer=keras.initializers.Constant(initial.get(name, 0.0)),
                 name=name,
             )
-            for name in (*TrustRegionState._fields, *self.controller.variable_names())
+            for name in names
         ]
-        self._state = TrustRegionState(*scalars[:5])
-        self._controller_sums = scalars[5:5 + len(self.controller.sums)]
-        self._controller_state = scalars[5 + len(self.controller.sums):]
+        # The controller's variables, as `_controller_update` takes them.
+        self._controller_variables = scalars[1:]
+        self._sums = scalars[2:2 + len(controller.sums)]
 
     def apply(self, grads, trainable_variables=None):
         """Applies one step (see `keras.optimizers.Optimizer.apply`).
 
-        Warns once per optimizer if its controller needs losses and none
-        will be observed (no `TrustRegionCallback` attached, `observe_loss`
-        never called and `total_steps` `None`: typically `fit` without the
-        callback).
+        Warns once if the controller needs losses and none are fed: in
+        `fit` without `TrustRegionCallback`, or at a second `apply` with
+        no `observe_loss` in between the first two.
         """
-        if not (self._warned_no_loss_observed or self._loss_observer_attached
-                or self._loss_observed or self.total_steps is not None
-                or not self.controller.adapts_from_losses):
-            self._warned_no_loss_observed = True
-            warnings.warn(validation.no_loss_observed_message(self), UserWarning,
-                          stacklevel=2)
+        if (self.controller.needs_loss and not self._loss_observer_attached
+                and not self._loss_observed and self._applies_without_loss >= 0):
+            self._applies_without_loss += 1
+            if self._applies_without_loss >= 2 or internals.in_fit():
+                self._applies_without_loss = -1  # once
+                warnings.warn(validation.no_loss_observed_message(self),
+                              UserWarning, stacklevel=2)
         return super().apply(grads, trainable_variables)
 
-    def attach_loss_observer(self):
-        """Declares that losses will be observed (no warning then)."""
-        self._loss_observer_attached = True
-
-    radius = property(lambda self: self._state.radius,
+    radius = property(lambda self: self._controller_variables[0],
                       doc="The trust-region radius `d` (a float32 scalar variable).")
-    loss_average = property(lambda self: self._state.loss_average,
-                            doc="The average of observed losses, not bias-corrected.")
-    loss_count = property(lambda self: self._state.loss_count,
-                          doc="The number of finite losses observed.")
-    predicted_reduction = property(
-        lambda self: self._state.predicted_reduction,
-        doc="The reduction predicted by the steps since the last observation.")
-    previous_predicted_reduction = property(
-        lambda self: self._state.previous_predicted_reduction,
-        doc="What `predicted_reduction` was at the last observation.")
+    loss_average = _controller_variable("loss_average")
+    loss_count = _controller_variable("loss_count")
+    predicted_reduction = _controller_variable("predicted_reduction")
+    previous_predicted_reduction = _controller_variable("previous_predicted_reduction")
 
     def controller_state(self) -> dict:
-        """The controller's own variables (its `sums`, then its `state`) by name."""
-        return dict(zip(self.controller.variable_names(),
-                        (*self._controller_sums, *self._controller_state)))
+        """The controller's variables by name: its `sums`, then its `state`."""
+        controller = self.controller
+        names = (*(s.name for s in controller.sums), *controller.state)
+        return dict(zip(names, self._controller_variables[1:]))
 
-    def trust_region_state(self) -> TrustRegionState:
-        """The values of the five scalars every controller shares."""
-        return TrustRegionState(*map(read_value, self._state))
+    def _controller_values(self):
+        return tuple(map(read_value, self._controller_variables))
 
-    def assign_trust_region_state(self, state: TrustRegionState):
-        """Writes `state` into the five scalar variables."""
-        for variable, value in zip(self._state, state):
+    def _assign_controller_values(self, values):
+        for variable, value in zip(self._controller_variables, values):
             variable.assign(value)
 
-    def loss_observer(self) -> Observer:
-        """The controller's `observe` for the current hyperparameters (hashable)."""
-        return Observer(self.controller, self.settings)
+    def _loss_update(self) -> _LossUpdate:
+        return _LossUpdate(self.controller, self.total_steps, self.beta_1,
+                           self.epsilon)
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         backends.update_variables(self, grads, trainable_variables, learning_rate)
@@ -233,14 +264,13 @@ class SOAA(keras.optimizers.Optimizer):
         # In `update_step` instead, where a skipped step skips it too.
         return
 
-    def weight_decay_of(self, variable):
-        """`weight_decay` for `variable`, or `None` if it is not decayed."""
+    def _weight_decay_of(self, variable):
+        # `weight_decay` for `variable`, or `None` if it is not decayed.
         decayed = self.weight_decay is not None and internals.uses_weight_decay(
             self, variable)
         return self.weight_decay if decayed else None
 
-    def moments_of(self, variable):
-        """The `(m, v)` variables of `variable`."""
+    def _moments_of(self, variable):
         index = internals.variable_index(self, variable)
         return self._momentums[index], self._velocities[index]
 
@@ -250,7 +280,7 @@ class SOAA(keras.optimizers.Optimizer):
             # No element: nothing to update, nothing predicted (and Keras'
             # TensorFlow `ops.add` fails on some empty shapes, e.g. (0, 2)).
             return
-        m_variable, v_variable = self.moments_of(variable)
+        m_variable, v_variable = self._moments_of(variable)
         dtype = m_variable.dtype  # the compute dtype (`moment_dtype`)
         scalars = maths.step_scalars(learning_rate, self.iterations, self.radius,
                                      self.beta_1, self.beta_2, dtype)
@@ -262,9 +292,9 @@ class SOAA(keras.optimizers.Optimizer):
         new_m, new_v = maths.moments(m, v, gradient, self.beta_1, self.beta_2)
         skip_known_early = self.beta_1 <= self.beta_2
         if skip_known_early:
-            # The skip rule's decision before the sums: the new moments then
-            # go straight to their variables, with no array held back until
-            # the sums are done.
+            # The skip rule's decision before the sums (docs/algorithm.md,
+            # "Non-finite steps"): the new moments then go straight to their
+            # variables, with no array held back until the sums are done.
             is_finite = maths.moments_are_finite(new_v, scalars)
             new_m = ops.where(is_finite, new_m, m)
             new_v = ops.where(is_finite, new_v, v)
@@ -274,33 +304,37 @@ class SOAA(keras.optimizers.Optimizer):
         direction = maths.step_direction(new_m, new_v, c, scalars, self.epsilon)
         new_theta = maths.new_weight(
             ops.cast(old_theta, dtype), direction, scalars,
-            self.weight_decay_of(variable), variable.dtype,
-        )
-        predicted = maths.predicted_reduction(
-            *maths.predicted_reduction_sums(new_m, new_v, direction), scalars
+            self._weight_decay_of(variable), variable.dtype,
         )
         if not skip_known_early:
             is_finite = maths.is_finite_step(c, sum_v_hat_eps, scalars)
             new_m = ops.where(is_finite, new_m, m)
             new_v = ops.where(is_finite, new_v, v)
-        # Before `m` and `v` are assigned: on torch that writes in place.
-        step_sums = controllers.base.step_sums(
-            self.controller.sums, gradient, m, v, scalars, self.epsilon)
-        for total, value in zip(self._controller_sums, step_sums):
+        # Only the sums the controller reads; before `m` and `v` are
+        # assigned: on torch that writes in place.
+        totals = maths.step_sums(
+            self.controller.sums, gradient, m, v, scalars, self.epsilon,
+            lambda: maths.predicted_reduction(*maths.predicted_reduction_sums(
+                new_m, new_v, direction), scalars),
+        )
+        for total, value in zip(self._sums, totals):
             self.assign_add(total, maths.finite_or_zero(
                 ops.cast(value, "float32"), is_finite))
-
         self.assign(m_variable, new_m)
         self.assign(v_variable, new_v)
         self.assign(variable, ops.where(is_finite, new_theta, old_theta))
-        self.assign_add(self.predicted_reduction,
-                        maths.finite_or_zero(predicted, is_finite))
 
-    def adapt_radius(self):
-        """The controller's step, once per step after the variables' updates."""
-        controllers.base.adapt(self.controller, self.radius, self._controller_sums,
-                               self._controller_state, self.iterations,
-                               self.settings)
+    def _after_step(self):
+        # After every variable's step: a controller that does not wait for
+        # losses updates from the step's sums (`backends.update_variables`).
+        if self.controller.needs_loss:
+            return
+        context = controllers.Context(
+            ops.cast(self.iterations, "float32") + 1.0,  # incremented after
+            self.total_steps, self.beta_1, self.epsilon,
+        )
+        self._assign_controller_values(_controller_update(
+            self.controller, context, self._controller_values()))
 
     def observe_loss(self, loss):
         """Feeds one observed training loss to the trust-region controller.
@@ -308,6 +342,7 @@ class SOAA(keras.optimizers.Optimizer):
         Call it after `apply` (`TrustRegionCallback` does in `fit`): `loss`
         is the mean training loss of the step(s) applied since the previous
         call, at the weights before them. A non-finite loss is not averaged.
+        A controller that does not need losses ignores them.
 
         Args:
             loss: a real number: a Python or NumPy scalar, or a scalar tensor
@@ -321,16 +356,16 @@ class SOAA(keras.optimizers.Optimizer):
         validation.require_ready_to_observe(self)
         loss = validation.loss_as_float32_scalar(loss)
         self._loss_observed = True
-        observer = self.loss_observer()
+        update = self._loss_update()
         if internals.in_stateless_scope():
             # The scope must see the assignments themselves, not a graph's.
-            self.assign_trust_region_state(
-                observer(self.trust_region_state(), loss, self.iterations))
+            self._assign_controller_values(
+                update(self._controller_values(), loss, self.iterations))
             return
-        self._compiled.get(("observe", observer), lambda: compile_state_update(
-            lambda loss: (self.trust_region_state(), loss,
+        self._compiled.get(update, lambda: compile_state_update(
+            lambda loss: (self._controller_values(), loss,
                           read_value(self.iterations)),
-            observer, self.assign_trust_region_state,
+            update, self._assign_controller_values,
         ))(loss)
 
     def stateless_observe_loss(self, optimizer_variables, loss):
@@ -350,30 +385,27 @@ class SOAA(keras.optimizers.Optimizer):
         return [scope.get_current_value(v) for v in self.variables]
 
     def load_own_variables(self, store):
-        """Restores the variables; refuses a saved state of another size.
+        """Restores the variables, from any state layout; refuses another size.
 
         Keras would only warn and keep the fresh state: a resumed run would
         silently restart the trust region.
         """
         if self.built:
-            validation.require_same_state_size(self, len(store.keys()))
+            store = _migration.store_in_current_layout(self, store)
         super().load_own_variables(store)
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        """Creates a SOAA from `get_config()`, refusing newer state layouts."""
-        config = dict(config)
-        validation.require_readable_layout(
-            config.pop("state_layout_version", 1), STATE_LAYOUT_VERSION)
+        """Creates a SOAA from `get_config()`, of this or an older version."""
+        config = _migration.config_in_current_layout(config)
         return super().from_config(config, custom_objects=custom_objects)
 
     def get_config(self):
         """Returns the config: every constructor argument."""
-        own = ("beta_1", "beta_2", "epsilon", "radius_bound", "total_steps",
-               "initial_radius", "radius_learning_rate", "min_radius",
-               "max_radius", "fused")
+        own = ("beta_1", "beta_2", "epsilon", "total_steps", "initial_radius",
+               "fused")
         return {
             **super().get_config(), **{name: getattr(self, name) for name in own},
             "controller": controllers.serialize(self.controller),
-            "state_layout_version": self.controller.state_layout_version,
+            "state_layout_version": STATE_LAYOUT_VERSION,
         }

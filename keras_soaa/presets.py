@@ -27,14 +27,13 @@ def recommended(learning_rate: float, total_steps: int, **kwargs) -> SOAA:
     Returns:
         The `SOAA` optimizer.
     """
-    # Checked by SOAA's own rules first, so a bad value names its argument.
     if total_steps is None:
         raise ValueError("Argument `total_steps` is required: the rate decays "
                          "to 0 over it. Received: total_steps=None")
-    validation.validate_hyperparameters(
-        learning_rate, 0.9, 0.999, 1e-8, 0.1, total_steps, 1.0, None, 0.05,
-        0.1, 10.0, None,
-    )
+    # Checked here, so that a bad value names its argument rather than
+    # failing inside the schedule.
+    validation.real(learning_rate, "learning_rate", "> 0")
+    validation.steps(total_steps)
     schedule = keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=learning_rate, decay_steps=total_steps, alpha=0.0
     )

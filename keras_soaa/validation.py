@@ -48,27 +48,49 @@ def python_number(value):
     return value
 
 
+# The ranges `real` checks: rule -> (low, high, low_open, high_open).
+_RANGES = {
+    "> 0": (0.0, math.inf, True, True),
+    ">= 0": (0.0, math.inf, False, True),
+    "in (0, 1)": (0.0, 1.0, True, True),
+    "in [0, 1)": (0.0, 1.0, False, True),
+    "finite": (-math.inf, math.inf, True, True),
+}
+
+
+def real(value, name: str, rule: str, low: float | None = None) -> float:
+    """`value` as a float, or a `ValueError` naming `name` and `rule`.
+
+    `rule` is a key of `_RANGES`, or `">= <other argument>"` with its
+    value as `low`.
+    """
+    bounds = _RANGES.get(rule, (low, math.inf, False, True))
+    if low is not None:
+        bounds = (low, *bounds[1:])
+    _check_real(name, value, bounds[0], bounds[1], low_open=bounds[2],
+                high_open=bounds[3], rule=f"{rule} (finite)")
+    return float(value)
+
+
+def steps(total_steps) -> int:
+    """`total_steps` as an int, or a `ValueError` unless an integer >= 1."""
+    if (not isinstance(total_steps, numbers.Integral)
+            or isinstance(total_steps, (bool, np.bool_)) or total_steps < 1):
+        raise ValueError(
+            "Argument `total_steps` must be `None` or an integer >= 1. "
+            f"Received: total_steps={total_steps!r} "
+            f"(of type {type(total_steps).__name__})"
+        )
+    return int(total_steps)
+
+
 def validate_hyperparameters(
-    learning_rate,
-    beta_1,
-    beta_2,
-    epsilon,
-    radius_bound,
-    total_steps,
-    initial_radius,
-    weight_decay,
-    radius_learning_rate,
-    min_radius,
-    max_radius,
-    fused,
+    learning_rate, beta_1, beta_2, epsilon, total_steps, initial_radius,
+    weight_decay, fused,
 ):
     """Raises `ValueError` naming the first invalid constructor argument."""
-    inf = math.inf
     if is_real_number(learning_rate) or isinstance(learning_rate, bool):
-        _check_real(
-            "learning_rate", learning_rate, 0.0, inf,
-            low_open=True, high_open=True, rule="> 0 (finite)",
-        )
+        real(learning_rate, "learning_rate", "> 0")
     elif not callable(learning_rate):
         raise ValueError(
             "Argument `learning_rate` must be a real number > 0 (finite), a "
@@ -76,45 +98,17 @@ def validate_hyperparameters(
             f"Received: learning_rate={learning_rate!r} "
             f"(of type {type(learning_rate).__name__})"
         )
-    for name, value in (("beta_1", beta_1), ("beta_2", beta_2)):
-        _check_real(
-            name, value, 0.0, 1.0,
-            low_open=False, high_open=True, rule="in [0, 1)",
-        )
-    _check_real(
-        "epsilon", epsilon, 0.0, inf,
-        low_open=True, high_open=True, rule="> 0 (finite)",
-    )
-    _check_real(
-        "radius_bound", radius_bound, 0.0, 1.0,
-        low_open=True, high_open=True, rule="in (0, 1)",
-    )
-    _check_real(
-        "initial_radius", initial_radius, 0.0, inf,
-        low_open=True, high_open=True, rule="> 0 (finite)",
-    )
-    if total_steps is not None and (
-        not isinstance(total_steps, numbers.Integral)
-        or isinstance(total_steps, (bool, np.bool_))
-        or total_steps < 1
-    ):
-        raise ValueError(
-            "Argument `total_steps` must be `None` or an integer >= 1. "
-            f"Received: total_steps={total_steps!r} "
-            f"(of type {type(total_steps).__name__})"
-        )
+    real(beta_1, "beta_1", "in [0, 1)")
+    real(beta_2, "beta_2", "in [0, 1)")
+    real(epsilon, "epsilon", "> 0")
+    real(initial_radius, "initial_radius", "> 0")
+    if total_steps is not None:
+        steps(total_steps)
     if weight_decay is not None:
         _check_real(
-            "weight_decay", weight_decay, 0.0, inf,
+            "weight_decay", weight_decay, 0.0, math.inf,
             low_open=False, high_open=True, rule=">= 0 (finite) or `None`",
         )
-    for name, value, low, low_open, rule in (
-        ("radius_learning_rate", radius_learning_rate, 0.0, False, ">= 0"),
-        ("min_radius", min_radius, 0.0, True, "> 0"),
-        ("max_radius", max_radius, float(min_radius), False, ">= min_radius"),
-    ):
-        _check_real(name, value, low, inf, low_open=low_open, high_open=True,
-                    rule=f"{rule} (finite)")
     if fused not in (None, False):
         raise ValueError(
             "Argument `fused` must be `None` (the backend's fast path where "
@@ -166,11 +160,11 @@ def no_loss_observed_message(optimizer):
     """The warning of an optimizer whose radius will never see a loss."""
     return (
         f"SOAA optimizer '{optimizer.name}' is applying steps but no loss is "
-        "fed to its trust region, so its radius stays at "
-        f"initial_radius={optimizer.initial_radius} and never adapts. With "
-        "`model.fit`, pass `callbacks=[keras_soaa.TrustRegionCallback()]`; in "
-        "a custom training loop, pass `SOAA(total_steps=...)` and call "
-        "`optimizer.observe_loss(loss)` after each `apply`."
+        f"fed to its controller ({optimizer.controller!r}), so its radius "
+        f"stays at initial_radius={optimizer.initial_radius} and never "
+        "adapts. With `model.fit`, pass "
+        "`callbacks=[keras_soaa.TrustRegionCallback()]`; in a custom training "
+        "loop, call `optimizer.observe_loss(loss)` after each `apply`."
     )
 
 
@@ -191,28 +185,18 @@ def require_ready_to_observe(optimizer):
         )
 
 
-def require_same_state_size(optimizer, saved: int):
-    """Raises `ValueError` if a saved state has another number of variables.
+def refuse_state(optimizer, saved: int, layout: str | None = None):
+    """Raises `ValueError`: a saved state does not fit `optimizer`.
 
     Keras would only warn and keep the fresh state: a resumed run would
     silently restart the trust region.
     """
-    if saved != len(optimizer.variables):
-        raise ValueError(
-            f"Cannot restore SOAA optimizer '{optimizer.name}': the saved "
-            f"state has {saved} variables, this optimizer has "
-            f"{len(optimizer.variables)} (state layout version "
-            f"{optimizer.controller.state_layout_version}). Was it saved with "
-            "other options (e.g. `use_ema`, `gradient_accumulation_steps`, "
-            "another controller) or another version of keras-soaa?"
-        )
-
-
-def require_readable_layout(version: int, newest: int):
-    """Raises `ValueError` for a state layout newer than this keras-soaa's."""
-    if version > newest:
-        raise ValueError(
-            f"This SOAA config has state layout version {version}, but this "
-            f"keras-soaa reads up to version {newest}: it was saved by a "
-            "newer keras-soaa. Upgrade keras-soaa to load it."
-        )
+    raise ValueError(
+        f"Cannot restore SOAA optimizer '{optimizer.name}': the saved "
+        f"state has {saved} variables"
+        + (f" of state {layout}" if layout else "")
+        + f", this optimizer has {len(optimizer.variables)} with controller "
+        f"{optimizer.controller!r}. Was it saved with other options (e.g. "
+        "`use_ema`, `gradient_accumulation_steps`, another controller) or "
+        "a newer version of keras-soaa?"
+    )

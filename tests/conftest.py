@@ -8,7 +8,11 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from keras_soaa.controllers import TrustRegionState  # noqa: E402
+from keras_soaa.controllers import PaperController  # noqa: E402
+
+# The paper controller's scalars, as the specification names and orders them.
+PAPER_SCALARS = ("radius", "loss_average", "loss_count", "predicted_reduction",
+                 "previous_predicted_reduction")
 
 BACKEND = keras.backend.backend()
 
@@ -25,10 +29,14 @@ def to_numpy(x):
 
 
 def scalars_of(optimizer):
-    """The five scalar state values of a SOAA optimizer, in the spec's order."""
-    return np.array(
-        [float(to_numpy(getattr(optimizer, name))) for name in TrustRegionState._fields]
-    )
+    """A SOAA's scalar state: the paper controller's five in the spec's order,
+    else the radius and the controller's own state."""
+    if isinstance(optimizer.controller, PaperController):
+        variables = [getattr(optimizer, name) for name in PAPER_SCALARS]
+    else:
+        state = optimizer.controller_state()
+        variables = [optimizer.radius, *(state[n] for n in optimizer.controller.state)]
+    return np.array([float(to_numpy(v)) for v in variables])
 
 
 def compiled_apply(optimizer, variables):

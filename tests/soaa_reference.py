@@ -1,4 +1,4 @@
-"""An independent float64 NumPy reference of SOAA, written from SOAA_SPEC.md.
+"""An independent float64 NumPy reference of SOAA, written from docs/algorithm.md.
 
 It shares no code with `keras_soaa`: the tests compare the optimizer with it.
 """
@@ -127,14 +127,7 @@ class ReferenceSOAA:
 
     def observe(self, loss):
         """Feeds one observed loss to the controller."""
-        if self.controller != "paper":  # counted, radius unchanged
-            if np.isfinite(loss):
-                self.loss_count += 1
-                self.loss_average = (
-                    self.beta_1 * self.loss_average + (1 - self.beta_1) * loss
-                )
-            self.previous_predicted_reduction = self.predicted_reduction
-            self.predicted_reduction = 0.0
+        if self.controller != "paper":  # only the paper's reads losses
             return
         lower, upper = self.bounds()
         if np.isfinite(loss):
@@ -171,7 +164,12 @@ class ReferenceSOAA:
         return (rho * p - carried) / slope
 
     def scalars(self):
-        """The five scalar state values, in the spec's order."""
+        """The paper controller's five scalars in the spec's order; for the
+        others the radius and their state (as `conftest.scalars_of`)."""
+        if self.controller == "hypergradient":
+            return np.array([self.radius])
+        if self.controller == "gradient_ratio":
+            return np.array([self.radius, self.ratio_actual, self.ratio_predicted])
         return np.array(
             [
                 self.radius,

@@ -10,7 +10,7 @@
   `SOAA.update_step` per variable, which the backend compiles with the
   train step.
 
-Whichever runs, the controller adapts the radius after it (`SOAA.adapt_radius`).
+Whichever runs, a controller that does not wait for losses updates after it.
 """
 
 import weakref
@@ -39,8 +39,15 @@ def update_variables(optimizer, grads, variables, learning_rate):
         from keras_soaa.backends import torch as torch_backend
 
         torch_backend.update_variables(optimizer, grads, variables, learning_rate)
-        optimizer.adapt_radius()
+        optimizer._after_step()
     elif optimizer.fused is not False and _tf_eager_without_strategy(backend):
+        import tensorflow as tf
+
+        # Sparse gradients as dense ones (SOAA's step is dense anyway): the
+        # compiled function takes tensors, not `IndexedSlices` whose indices
+        # may be a tuple.
+        grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices)
+                 else g for g in grads]
         variables = list(variables)
         update = _xla_updates.setdefault(optimizer, CompiledCache()).get(
             ("update", *map(id, variables)),
@@ -57,9 +64,9 @@ def update_variables(optimizer, grads, variables, learning_rate):
 
 
 def portable_update(optimizer, grads, variables, learning_rate):
-    """`SOAA.update_step` per variable (Keras' loop), then `adapt_radius`."""
+    """`SOAA.update_step` per variable (Keras' loop), then the controller."""
     internals.update_each_variable(optimizer, grads, variables, learning_rate)
-    optimizer.adapt_radius()
+    optimizer._after_step()
 
 
 def _tf_eager_without_strategy(backend):

@@ -2,8 +2,8 @@
 
 As Keras' torch Adam (`keras/src/backend/torch/optimizers/torch_adam.py`):
 `update_step` follows `SOAA.update_step` line for line, each function it
-calls named after the `keras_soaa.maths` (or `controllers.base`) function it
-stands for, on a list of tensors, one per variable. Where `maths` only
+calls named after the `keras_soaa.maths` function it stands for, on a list
+of tensors, one per variable. Where `maths` only
 combines per-variable scalars it runs as it is, on vectors, `replayed`.
 Where the skip rule will apply every variable's step
 (`applies_to_every_variable`, the counterpart of `maths.moments_are_finite`),
@@ -44,13 +44,21 @@ def previous_direction(momentums, velocities, scalars, epsilon):
 
 
 def step_sums(sums, grads, momentums, velocities, scalars, epsilon):
-    """`controllers.base.step_sums` for many variables: a vector per sum."""
+    """`maths.step_sums` for many variables: a vector per sum.
+
+    Except the predicted reduction's, known only after the step: `(name,
+    PREDICTED_REDUCTION)` gives an empty vector, which `_applied_totals`
+    fills in.
+    """
     operands = {"gradient": grads, "momentum": momentums, "velocity": velocities}
     if any("previous_direction" in s[1:] for s in sums):
         operands["previous_direction"] = previous_direction(
             momentums, velocities, scalars, epsilon
         )
-    return tuple(_dots(zip(operands[s.left], operands[s.right])) for s in sums)
+    return tuple(
+        torch.empty(0) if s.left == maths.PREDICTED_REDUCTION
+        else _dots(zip(operands[s.left], operands[s.right])) for s in sums
+    )
 
 
 def _dots(pairs):
@@ -139,14 +147,14 @@ def predicted_reduction_sums(new_m, new_v, directions):
 def update_variables(optimizer, grads, variables, learning_rate):
     """Runs `update_step` once per compute dtype over the non-empty variables.
 
-    Adds the predicted reduction and the controller's sums to `optimizer`'s
-    variables, as `SOAA.update_step` does per variable.
+    Adds the controller's sums to their variables, as `SOAA.update_step`
+    does per variable.
     """
     groups = {}
     for grad, variable in zip(grads, variables):
         if 0 in tuple(variable.shape):
             continue  # no element: nothing to update, nothing predicted
-        m, v = optimizer.moments_of(variable)
+        m, v = optimizer._moments_of(variable)
         groups.setdefault(m.dtype, []).append((grad, variable, m, v))
     for dtype, members in groups.items():
         grads, variables, momentums, velocities = zip(*members)
@@ -155,21 +163,19 @@ def update_variables(optimizer, grads, variables, learning_rate):
             dtype=dtype,
         )(*map(keras.ops.convert_to_tensor,
                (learning_rate, optimizer.iterations, optimizer.radius)))
-        predicted, totals = update_step(
+        totals = update_step(
             [keras.ops.convert_to_tensor(g) for g in grads],
             [variable.value for variable in variables],
             [m.value for m in momentums],
             [v.value for v in velocities],
-            [optimizer.weight_decay_of(variable) for variable in variables],
+            [optimizer._weight_decay_of(variable) for variable in variables],
             scalars,
             beta_1=optimizer.beta_1,
             beta_2=optimizer.beta_2,
             epsilon=optimizer.epsilon,
             sums=optimizer.controller.sums,
         )
-        optimizer.predicted_reduction.assign_add(predicted)
-        # The controller's variables: its sums first, in declaration order.
-        for variable, total in zip(optimizer.controller_state().values(), totals):
+        for variable, total in zip(optimizer._sums, totals):
             variable.assign_add(total)
 
 
@@ -193,16 +199,16 @@ def update_step(
         sums: the controller's `Sum`s (`Controller.sums`).
 
     Returns:
-        `(predicted, totals)`: the predicted reduction of the applied steps
-        (a float32 scalar), and the controller's `sums` over them (a tuple
-        of float32 scalars, one per sum).
+        The controller's `sums` over the applied steps (a tuple of float32
+        scalars, one per sum).
     """
     dtype = momentums[0].dtype
     grads = [g.to(dtype) for g in grads]
     thetas = [p.to(dtype) for p in params]
 
     # From the old moments: before they are updated in place below.
-    sum_vectors = step_sums(sums, grads, momentums, velocities, scalars, epsilon)
+    declared = sums
+    sum_vectors = step_sums(declared, grads, momentums, velocities, scalars, epsilon)
     in_place = applies_to_every_variable(grads, params, scalars, beta_1, beta_2)
     new_m, new_v = moments(momentums, velocities, grads, beta_1, beta_2, in_place)
     sums = curvature_sums(new_m, new_v)
@@ -213,7 +219,9 @@ def update_step(
         thetas, directions, scalars, weight_decays, [p.dtype for p in params],
         in_place,
     )
-    predicted_sums = predicted_reduction_sums(new_m, new_v, directions)
+    reads_prediction = any(s.left == maths.PREDICTED_REDUCTION for s in declared)
+    predicted_sums = (predicted_reduction_sums(new_m, new_v, directions)
+                      if reads_prediction else ())
 
     if not in_place:  # computed aside: write what the skip rule keeps
         states = momentums + velocities + params
@@ -225,10 +233,9 @@ def update_step(
         else:
             for ok, state, new in zip(is_finite.unbind() * 3, states, news):
                 torch.where(ok, new, state, out=state)
-    predicted, *totals = replayed(_applied_totals)(
+    return replayed(_applied_totals, sums=tuple(declared))(
         predicted_sums, scalars, is_finite, sum_vectors
     )
-    return predicted, tuple(totals)
 
 
 def applies_to_every_variable(grads, params, scalars, beta_1, beta_2):
@@ -261,11 +268,16 @@ def _scale_and_check(sums, sizes, scalars, epsilon):
     return c, maths.is_finite_step(c, sum_v_hat_eps, scalars)
 
 
-def _applied_totals(predicted_sums, scalars, is_finite, sum_vectors):
-    # `maths.predicted_reduction`, then it and the controller's sums over the
-    # applied steps only (`maths.finite_or_zero`), as float32 totals.
-    predicted = maths.predicted_reduction(*predicted_sums, scalars)
+def _applied_totals(predicted_sums, scalars, is_finite, sum_vectors, sums):
+    # `maths.predicted_reduction` where a sum reads it, then the controller's
+    # sums over the applied steps only (`maths.finite_or_zero`), as float32
+    # totals.
+    vectors = sum_vectors
+    if predicted_sums:
+        predicted = maths.predicted_reduction(*predicted_sums, scalars)
+        vectors = tuple(predicted if s.left == maths.PREDICTED_REDUCTION else vector
+                        for s, vector in zip(sums, sum_vectors))
     return tuple(
         torch.sum(maths.finite_or_zero(vector.to(torch.float32), is_finite))
-        for vector in (predicted, *sum_vectors)
+        for vector in vectors
     )

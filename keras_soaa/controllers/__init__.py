@@ -6,12 +6,11 @@ one is a module with a `Controller` subclass decorated with `register`
 """
 
 from keras_soaa.controllers.base import (
-    OPERANDS,
+    PREDICTED_REDUCTION,
+    Context,
     Controller,
-    Observer,
-    Settings,
+    LogRadiusController,
     Sum,
-    TrustRegionState,
 )
 from keras_soaa.controllers.gradient_ratio import GradientRatioController
 from keras_soaa.controllers.hypergradient import HypergradientController
@@ -23,15 +22,14 @@ DEFAULT = PaperController.name
 
 __all__ = [
     "DEFAULT",
-    "OPERANDS",
+    "PREDICTED_REDUCTION",
+    "Context",
     "Controller",
     "GradientRatioController",
     "HypergradientController",
-    "Observer",
+    "LogRadiusController",
     "PaperController",
-    "Settings",
     "Sum",
-    "TrustRegionState",
     "get",
     "names",
     "register",

@@ -2,20 +2,19 @@
 
 from keras import ops
 
+from keras_soaa import validation
 from keras_soaa.controllers.base import (
-    Controller,
-    Settings,
+    Context,
+    LogRadiusController,
     Sum,
-    clip_log_radius,
     masked_average,
-    require_initial_radius_within_bounds,
 )
 from keras_soaa.controllers.registry import register
 from keras_soaa.maths import bias_correction
 
 
 @register("gradient_ratio")
-class GradientRatioController(Controller):
+class GradientRatioController(LogRadiusController):
     """`d` moves as in a classic trust region, the ratio read from gradients.
 
     The previous step's actual reduction, as this step's gradient sees it
@@ -31,12 +30,16 @@ class GradientRatioController(Controller):
                  log(min_radius), log(max_radius))
     ```
 
-    with `kappa = radius_learning_rate`. A step with a non-finite sum or no
-    prediction (the first) leaves the averages as they were. `d` does not
+    with `kappa = learning_rate` (docs/algorithm.md, "Controllers"). A step
+    with a non-finite sum or no prediction (the first) leaves the averages
+    as they were. `d` does not
     decay by itself: use it with a decaying learning-rate schedule. Needs no
     loss and no callback.
 
     Args:
+        learning_rate: Float >= 0: `kappa`. Defaults to `0.05`.
+        min_radius: Float > 0: the lower bound of `d`. Defaults to `0.1`.
+        max_radius: Float >= `min_radius`: its upper bound. Defaults to `10.0`.
         decay: the averages' decay. Defaults to `0.9`.
         shrink_below: `d` shrinks where `rho` is below it. Defaults to `0.1`.
         grow_above: `d` grows where `rho` is above it. Defaults to `0.5`.
@@ -47,28 +50,24 @@ class GradientRatioController(Controller):
         Sum("momentum_alignment", "momentum", "previous_direction"),
     )
     state = ("actual_average", "predicted_average")
-    variable_prefix = "ratio"
 
-    def __init__(self, decay=0.9, shrink_below=0.1, grow_above=0.5):
-        self.decay = float(decay)
-        self.shrink_below = float(shrink_below)
-        self.grow_above = float(grow_above)
+    def __init__(self, learning_rate=0.05, min_radius=0.1, max_radius=10.0,
+                 decay=0.9, shrink_below=0.1, grow_above=0.5):
+        super().__init__(learning_rate, min_radius, max_radius)
+        self.decay = validation.real(decay, "decay", "in [0, 1)")
+        self.shrink_below = validation.real(shrink_below, "shrink_below", "finite")
+        self.grow_above = validation.real(grow_above, "grow_above", ">= shrink_below",
+                                          low=self.shrink_below)
 
     def get_config(self):
-        """The averages' decay and the two thresholds."""
-        return {"decay": self.decay, "shrink_below": self.shrink_below,
-                "grow_above": self.grow_above}
+        """The step and bounds of `log d`, the averages' decay, the thresholds."""
+        return {**super().get_config(), "decay": self.decay,
+                "shrink_below": self.shrink_below, "grow_above": self.grow_above}
 
-    def validate(self, settings: Settings):
-        """Requires `initial_radius` within `[min_radius, max_radius]`."""
-        require_initial_radius_within_bounds(self, settings)
-
-    def adapt(self, radius, state, sums, iterations, settings: Settings):
-        """Returns `(radius, state)` after one step (the rule above).
-
-        `iterations` is the step count before this step (`t - 1`).
-        """
-        correction = bias_correction(settings.beta_1, ops.cast(iterations, "float32"))
+    def update(self, radius, state, sums, context: Context, loss=None):
+        """Returns `(radius, state)` after one step (the rule above)."""
+        # `b` of the previous step, `t - 1`.
+        correction = bias_correction(context.beta_1, context.step - 1.0)
         safe = ops.where(correction > 0.0, correction, 1.0)
         actual = sums.alignment / safe
         predicted = sums.momentum_alignment / ops.square(safe)
@@ -88,7 +87,7 @@ class GradientRatioController(Controller):
         # Before any prediction: between the thresholds, the radius holds.
         rho = ops.where(has_prediction, 0.5 * (1.0 + ratio),
                         0.5 * (self.shrink_below + self.grow_above))
-        kappa = settings.radius_learning_rate
+        kappa = self.learning_rate
         step = ops.where(rho > self.grow_above, kappa,
                          ops.where(rho < self.shrink_below, -kappa, 0.0))
-        return clip_log_radius(ops.log(radius) + step, settings), state
+        return self.clip(ops.log(radius) + step), state

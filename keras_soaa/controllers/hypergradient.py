@@ -2,13 +2,7 @@
 
 from keras import ops
 
-from keras_soaa.controllers.base import (
-    Controller,
-    Settings,
-    Sum,
-    clip_log_radius,
-    require_initial_radius_within_bounds,
-)
+from keras_soaa.controllers.base import Context, LogRadiusController, Sum
 from keras_soaa.controllers.registry import register
 
 
@@ -20,12 +14,12 @@ def cosine(sums):
 
 
 @register("hypergradient")
-class HypergradientController(Controller):
+class HypergradientController(LogRadiusController):
     """`d` grows while the gradient keeps pointing along the last step.
 
     After every step, with `q_prev` the previous step's Adam direction and
-    `kappa = radius_learning_rate` (hypergradient descent, Baydin et al.
-    2018, on `log d`):
+    `kappa = learning_rate` (hypergradient descent, Baydin et al. 2018, on
+    `log d`; docs/algorithm.md, "Controllers"):
 
     ```
     cos   = sum(g * q_prev) / (sqrt(sum(g**2)) * sqrt(sum(q_prev**2)))
@@ -33,8 +27,12 @@ class HypergradientController(Controller):
     ```
 
     The cosine is 0 when a norm is 0 or a sum is not finite, which leaves
-    `d` where it is. Needs no loss and no callback; observed losses only
-    feed the logs.
+    `d` where it is. Needs no loss and no callback.
+
+    Args:
+        learning_rate: Float >= 0: `kappa`. Defaults to `0.05`.
+        min_radius: Float > 0: the lower bound of `d`. Defaults to `0.1`.
+        max_radius: Float >= `min_radius`: its upper bound. Defaults to `10.0`.
     """
 
     sums = (
@@ -42,13 +40,7 @@ class HypergradientController(Controller):
         Sum("gradient_sq", "gradient", "gradient"),
         Sum("direction_sq", "previous_direction", "previous_direction"),
     )
-    state_layout_version = 2
 
-    def validate(self, settings: Settings):
-        """Requires `initial_radius` within `[min_radius, max_radius]`."""
-        require_initial_radius_within_bounds(self, settings)
-
-    def adapt(self, radius, state, sums, iterations, settings: Settings):
+    def update(self, radius, state, sums, context: Context, loss=None):
         """Returns `(radius, state)` after one step (the rule above)."""
-        log_radius = ops.log(radius) + settings.radius_learning_rate * cosine(sums)
-        return clip_log_radius(log_radius, settings), state
+        return self.clip(ops.log(radius) + self.learning_rate * cosine(sums)), state

@@ -2,27 +2,21 @@
 
 from keras import ops
 
-from keras_soaa.controllers.base import (
-    Controller,
-    Settings,
-    TrustRegionState,
-    average_loss,
-    rollover,
-)
+from keras_soaa import validation
+from keras_soaa.controllers.base import PREDICTED_REDUCTION, Context, Controller, Sum
 from keras_soaa.controllers.registry import register
 from keras_soaa.maths import bias_correction
 
 
-def radius_bounds(iterations, total_steps: int, radius_bound: float):
-    """Returns `(lower, upper)` bounds of the radius after `iterations` steps.
+def radius_bounds(step, total_steps: int, radius_bound: float):
+    """Returns `(lower, upper)` bounds of the radius at step `t = step`.
 
     The exponent `e = min(t - 1, T) / T` runs from 0 at the first step to 1 at
-    step `T + 1` and stays there (the spec's clamp past `T`), so the bounds
-    narrow from `[1, 2]` to `[1 - radius_bound, 1 + radius_bound]`.
+    step `T + 1` and stays there (the clamp past `T`, docs/algorithm.md), so
+    the bounds narrow from `[1, 2]` to `[1 - radius_bound, 1 + radius_bound]`.
     """
-    t = ops.cast(iterations, "float32")
     exponent = ops.divide(
-        ops.minimum(ops.maximum(t - 1.0, 0.0), float(total_steps)),
+        ops.minimum(ops.maximum(step - 1.0, 0.0), float(total_steps)),
         float(total_steps),
     )
     lower = ops.power(1.0 - radius_bound, exponent)
@@ -34,8 +28,10 @@ def radius_bounds(iterations, total_steps: int, radius_bound: float):
 class PaperController(Controller):
     """The paper's controller: `d` follows observed / predicted loss reduction.
 
-    After every observed loss `loss` (the `k`-th finite one), with `t` the
-    step count, `T = total_steps`, `gamma = radius_bound`:
+    After every observed loss `loss` (the `k`-th finite one), at step `t`,
+    with `T = total_steps`, `gamma = radius_bound` and `p` the reduction the
+    steps since the previous observation predicted (docs/algorithm.md,
+    "The paper's controller"):
 
     ```
     loss_average = beta_1 * loss_average + (1 - beta_1) * loss
@@ -43,42 +39,56 @@ class PaperController(Controller):
           / max(previous_predicted_reduction, epsilon)
     e   = min(t - 1, T) / T
     d   = min(1 + gamma**e, max((1 - gamma)**e, rho * d))
+    previous_predicted_reduction = p
     ```
 
-    and the reduction predicted since the previous observation becomes the
-    one the next is judged against. A non-finite loss is not averaged in
-    and sets `d` to its lower bound. Needs the losses
-    (`keras_soaa.TrustRegionCallback` or `SOAA.observe_loss`) and
-    `total_steps`.
+    A non-finite loss is not averaged in and sets `d` to its lower bound.
+    Needs the losses (`keras_soaa.TrustRegionCallback` in `fit`, or
+    `SOAA.observe_loss`) and SOAA's `total_steps`.
+
+    Args:
+        radius_bound: Float in `(0, 1)`: the bounds on `d` narrow from
+            `[1, 2]` to `[1 - radius_bound, 1 + radius_bound]` over
+            `total_steps`. Defaults to `0.1`.
     """
 
-    adapts_from_losses = True
+    sums = (Sum("predicted_reduction", PREDICTED_REDUCTION),)
+    state = ("loss_average", "loss_count", "previous_predicted_reduction")
+    needs_loss = True
     needs_total_steps = True
-    state_layout_version = 1
 
-    def observe(self, state: TrustRegionState, loss, iterations,
-                settings: Settings) -> TrustRegionState:
-        """Returns the state after observing `loss` (the rule above)."""
-        is_finite, safe_loss, average, count = average_loss(
-            state, loss, settings.beta_1
+    def __init__(self, radius_bound=0.1):
+        self.radius_bound = validation.real(radius_bound, "radius_bound", "in (0, 1)")
+
+    def get_config(self):
+        """`radius_bound`."""
+        return {"radius_bound": self.radius_bound}
+
+    def update(self, radius, state, sums, context: Context, loss=None):
+        """Returns `(radius, state)` after observing `loss` (the rule above)."""
+        is_finite = ops.isfinite(loss)
+        safe_loss = ops.where(is_finite, loss, 0.0)
+        count = state.loss_count + ops.cast(is_finite, "float32")
+        average = ops.where(
+            is_finite,
+            context.beta_1 * state.loss_average + (1.0 - context.beta_1) * safe_loss,
+            state.loss_average,
         )
         # On the first observation the bias-corrected average *is* the loss;
         # in float32, `average / (1 - beta_1)` misses it by a rounding error
         # that, divided by `epsilon` below, would throw the radius to a
-        # random bound.
+        # random bound (docs/algorithm.md, "Numerical details").
         corrected_average = ops.where(
             ops.less_equal(count, 1.0),
             safe_loss,
-            average / bias_correction(settings.beta_1, ops.maximum(count, 1.0)),
+            average / bias_correction(context.beta_1, ops.maximum(count, 1.0)),
         )
         rho = (corrected_average - safe_loss) / ops.maximum(
-            state.previous_predicted_reduction, settings.epsilon
+            state.previous_predicted_reduction, context.epsilon
         )
-        lower, upper = radius_bounds(
-            iterations, settings.total_steps, settings.radius_bound
-        )
+        lower, upper = radius_bounds(context.step, context.total_steps,
+                                     self.radius_bound)
         radius = ops.where(
-            is_finite, ops.minimum(upper, ops.maximum(lower, rho * state.radius)),
-            lower,
+            is_finite, ops.minimum(upper, ops.maximum(lower, rho * radius)), lower
         )
-        return rollover(state, radius, average, count)
+        return radius, type(state)(average, count, sums.predicted_reduction)

@@ -1,0 +1,122 @@
+"""What older keras-soaa versions wrote, read into the current layout.
+
+Keras restores an optimizer's variables by position, so their order is a
+file format, the state layout (docs/saving.md, "State layout"):
+
+- layouts 1 to 3 (keras-soaa 0.1 to 0.4): after the moments, five scalars
+  every controller shared (`OLD_SHARED`), then the controller's sums and
+  state (layout 1: the paper's controller, which had none);
+- layout 4: after the moments, `state_layout` (4.0), `radius`, then the
+  controller's sums and state (`SOAA.controller_state()`).
+
+The counts of the two differ for every controller, so a file is read by
+its count alone, weights-only files included; layout 4 and later carry
+their version in the state.
+
+Also here: SOAA's arguments that moved to the controllers in layout 4.
+"""
+
+import inspect
+import warnings
+
+import numpy as np
+
+from keras_soaa import controllers, validation
+
+STATE_LAYOUT_VERSION = 4
+OLD_SHARED = ("radius", "loss_average", "loss_count", "predicted_reduction",
+              "previous_predicted_reduction")
+# SOAA's arguments before layout 4 -> the controllers' argument.
+MOVED = {"radius_bound": "radius_bound", "radius_learning_rate": "learning_rate",
+         "min_radius": "min_radius", "max_radius": "max_radius"}
+
+
+def _with_moved(controller, moved: dict):
+    # The controller with those of `moved` its `__init__` takes.
+    controller = controllers.get(controller)
+    accepted = inspect.signature(type(controller).__init__).parameters
+    moved = {MOVED[k]: v for k, v in moved.items() if MOVED[k] in accepted}
+    if not moved:
+        return controller
+    return type(controller).from_config({**controller.get_config(), **moved})
+
+
+def controller_with_deprecated_arguments(controller, kwargs: dict):
+    """Pops SOAA's deprecated controller arguments from `kwargs`, with a warning.
+
+    Returns the controller given those of them it takes (e.g.
+    `SOAA(radius_bound=0.2)` gives `PaperController(radius_bound=0.2)`).
+    """
+    moved = {name: kwargs.pop(name) for name in MOVED if name in kwargs}
+    if not moved:
+        return controller
+    name = type(controllers.get(controller)).__name__
+    spelled = ", ".join(f"{MOVED[k]}={v!r}" for k, v in moved.items())
+    warnings.warn(
+        f"SOAA({', '.join(moved)}=...) is deprecated and will be removed in "
+        "the next release: these are the controller's arguments now. Use "
+        f"`SOAA(controller=keras_soaa.controllers.{name}({spelled}))` (an "
+        "argument the controller does not take had no effect).",
+        DeprecationWarning, stacklevel=3,
+    )
+    return _with_moved(controller, moved)
+
+
+def config_in_current_layout(config: dict) -> dict:
+    """`SOAA.get_config()` of any version as this one's (without the version).
+
+    Raises:
+        ValueError: for a layout newer than this keras-soaa's.
+    """
+    config = dict(config)
+    version = config.pop("state_layout_version", 1)
+    if version > STATE_LAYOUT_VERSION:
+        raise ValueError(
+            f"This SOAA config has state layout version {version}, but this "
+            f"keras-soaa reads up to version {STATE_LAYOUT_VERSION}: it was "
+            "saved by a newer keras-soaa. Upgrade keras-soaa to load it."
+        )
+    if version < STATE_LAYOUT_VERSION:
+        moved = {name: config.pop(name) for name in MOVED if name in config}
+        controller = _with_moved(config.get("controller", controllers.DEFAULT), moved)
+        config["controller"] = controllers.serialize(controller)
+    return config
+
+
+class _Store:
+    # A Keras variable store with its entries reordered: `sources[i]` is
+    # the key of entry `i`, or a value.
+    def __init__(self, store, sources):
+        self._store, self._sources = store, sources
+
+    def keys(self):
+        return [str(i) for i in range(len(self._sources))]
+
+    def __getitem__(self, key):
+        source = self._sources[int(key)]
+        return self._store[source] if isinstance(source, str) else source
+
+
+def store_in_current_layout(optimizer, store):
+    """`optimizer`'s saved variables (`load_own_variables`) in layout 4.
+
+    Raises:
+        ValueError: if the store fits no layout of this controller, or
+            carries a newer layout.
+    """
+    count, variables = len(store.keys()), optimizer.variables
+    fields = ("radius", *optimizer.controller_state())
+    leading = len(variables) - 1 - len(fields)  # before `state_layout`
+    old = OLD_SHARED + tuple(f for f in fields if f not in OLD_SHARED)
+    if count == len(variables):
+        version = float(np.asarray(store[str(leading)]))
+        if version != STATE_LAYOUT_VERSION:
+            validation.refuse_state(optimizer, count, f"layout {version:g}")
+        return store
+    if count != leading + len(old):
+        validation.refuse_state(optimizer, count)
+    marker = np.array(STATE_LAYOUT_VERSION, dtype="float32")
+    return _Store(store, [
+        *map(str, range(leading)), marker,
+        *(str(leading + old.index(field)) for field in fields),
+    ])
