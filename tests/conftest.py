@@ -28,6 +28,24 @@ def to_numpy(x):
     return np.asarray(keras.ops.convert_to_numpy(x), dtype=np.float64)
 
 
+def make_soaa(controller="paper", radius_bound=None, radius_learning_rate=None,
+              min_radius=None, max_radius=None, **kwargs):
+    """`SOAA` from the reference's arguments (`soaa_reference.ReferenceSOAA`),
+    whose controller constants are SOAA's controllers' arguments."""
+    from keras_soaa import SOAA, controllers
+
+    given = dict(radius_bound=radius_bound, learning_rate=radius_learning_rate,
+                 min_radius=min_radius, max_radius=max_radius)
+    if controller == "paper":
+        given = {"radius_bound": radius_bound}
+    else:
+        given.pop("radius_bound")
+    given = {k: v for k, v in given.items() if v is not None}
+    if given:
+        controller = type(controllers.get(controller))(**given)
+    return SOAA(controller=controller, **kwargs)
+
+
 def scalars_of(optimizer):
     """A SOAA's scalar state: the paper controller's five in the spec's order,
     else the radius and the controller's own state."""

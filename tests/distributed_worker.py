@@ -38,7 +38,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from keras_soaa import SOAA, TrustRegionCallback  # noqa: E402
+from keras_soaa import SOAA, TrustRegionCallback, controllers  # noqa: E402
 
 GLOBAL_BATCH, NUM_SAMPLES, EPOCHS = 16, 64, 3
 
@@ -60,9 +60,10 @@ def make_model():
         ]
     )
     controller = os.environ.get("SOAA_CONTROLLER", "paper")
+    if controller != "paper":
+        controller = type(controllers.get(controller))(learning_rate=0.2)
     model.compile(
-        optimizer=SOAA(learning_rate=0.05, controller=controller,
-                       radius_learning_rate=0.2),
+        optimizer=SOAA(learning_rate=0.05, controller=controller),
         loss="mse",
     )
     return model

@@ -37,7 +37,6 @@ from fed_losses import FedLossRecorder  # noqa: E402
 
 from keras_soaa import SOAA  # noqa: E402
 from keras_soaa.callback import find_soaa  # noqa: E402
-from keras_soaa.controllers import TrustRegionState  # noqa: E402
 
 BATCH_SIZE = 16
 NUM_SAMPLES = 64  # 4 batches of 16 per epoch
@@ -119,7 +118,9 @@ def scalar_state(model):
     """The five trust-region scalars of the model's SOAA, by name."""
     soaa = find_soaa(model.optimizer)
     return {
-        name: float(to_numpy(getattr(soaa, name))) for name in TrustRegionState._fields
+        name: float(to_numpy(getattr(soaa, name))) for name in (
+            "radius", "loss_average", "loss_count", "predicted_reduction",
+            "previous_predicted_reduction")
     }
 
 

@@ -9,7 +9,7 @@ import tempfile
 import keras
 import numpy as np
 import pytest
-from conftest import compiled_apply, scalars_of, to_numpy
+from conftest import compiled_apply, make_soaa, scalars_of, to_numpy
 from custom_controller import LossTrendController, SignController
 from keras import ops
 from soaa_reference import ReferenceSOAA
@@ -34,14 +34,6 @@ RATIO = dict(HYPER, controller="gradient_ratio", radius_learning_rate=0.1,
 CONFIGS = {"hypergradient": HYPER, "gradient_ratio": RATIO}
 
 
-def soaa_for(config):
-    """`SOAA` as the reference `config` describes it, in SOAA's spelling."""
-    config = dict(config)
-    controller = {"hypergradient": HypergradientController,
-                  "gradient_ratio": GradientRatioController}[config.pop("controller")]
-    return SOAA(**config, controller=controller(
-        learning_rate=config.pop("radius_learning_rate"),
-        min_radius=config.pop("min_radius"), max_radius=config.pop("max_radius")))
 
 
 def ratio_gradients(gradients):
@@ -73,7 +65,7 @@ def run_against_reference(factory, steps=30, nan_at=None, observe=False,
     if controller == "gradient_ratio":
         gradients = ratio_gradients(gradients)
     config = CONFIGS[controller]
-    optimizer = soaa_for(config)
+    optimizer = make_soaa(**config)
     variables = [keras.Variable(w) for w in weights]
     reference = ReferenceSOAA(weights, **config)
     apply = factory(optimizer, variables)
@@ -134,7 +126,7 @@ def test_hypergradient_radius_ignores_losses():
         optimizer.observe_loss(loss)  # no total_steps needed
         assert float(to_numpy(optimizer.radius)) == radius
     with pytest.raises(AttributeError, match="loss_count"):
-        optimizer.loss_count  # the paper controller's, not this one's
+        _ = optimizer.loss_count  # the paper controller's, not this one's
 
 
 def test_hypergradient_radius_grows_on_a_steady_slope_and_shrinks_on_overshoot():

@@ -222,6 +222,6 @@ def test_steps_skipped_by_loss_scaler_keep_trust_region_coherent(float32_run):
         "previous_predicted_reduction")]
     assert np.all(np.isfinite(scalars))
     assert scalars[3] > 0  # judged against a real prediction, not 0
-    assert 1 - soaa.radius_bound - 1e-6 <= scalars[0] <= 2.0
+    assert 1 - soaa.controller.radius_bound - 1e-6 <= scalars[0] <= 2.0
     assert np.all(np.isfinite(run["fed"]))
     assert run["losses"][-1] < run["losses"][0]

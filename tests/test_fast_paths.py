@@ -14,6 +14,7 @@ from conftest import scalars_of, to_numpy
 from custom_controller import SignController
 from keras import ops
 
+import keras_soaa
 from keras_soaa import SOAA
 
 SHAPES = [(30, 40), (40,), (), (7, 3, 2)]
@@ -41,13 +42,15 @@ def train(optimizer, steps, non_finite_at=None):
 
 
 @pytest.mark.parametrize("controller", [
-    "paper", "hypergradient", "gradient_ratio", SignController(step=0.2)])
+    "paper", "hypergradient", "gradient_ratio", SignController(learning_rate=0.2)])
 @pytest.mark.parametrize("non_finite_at", [None, 4])
 @pytest.mark.parametrize("weight_decay", [None, 0.05])
 def test_backend_path_matches_portable_path(weight_decay, non_finite_at,
                                             controller):
+    if isinstance(controller, str) and controller != "paper":
+        controller = type(keras_soaa.controllers.get(controller))(learning_rate=0.2)
     kwargs = dict(learning_rate=0.01, total_steps=10, weight_decay=weight_decay,
-                  controller=controller, radius_learning_rate=0.2)
+                  controller=controller)
     fast, plain = SOAA(**kwargs), SOAA(fused=False, **kwargs)
     fast_vars = train(fast, 12, non_finite_at)
     plain_vars = train(plain, 12, non_finite_at)

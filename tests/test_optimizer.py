@@ -6,6 +6,7 @@ import pytest
 from conftest import (
     compiled_apply,
     float64_available,
+    make_soaa,
     scalars_of,
     to_numpy,
 )
@@ -60,7 +61,7 @@ def run_against_reference(apply_fn_factory, dtype, steps=40, total_steps=25):
         initial_radius=1.3,
         weight_decay=0.05,
     )
-    optimizer = SOAA(**hyper)
+    optimizer = make_soaa(**hyper)
     variables = [keras.Variable(w, dtype=dtype) for w in weights]
     reference = ReferenceSOAA(weights, **hyper)
     apply = apply_fn_factory(optimizer, variables)
@@ -143,7 +144,7 @@ def test_single_step_worked_example():
     """The spec's worked example, checked by hand."""
     dtype = "float64" if float64_available() else "float32"
     theta = keras.Variable([1.0, -2.0], dtype=dtype)
-    optimizer = SOAA(learning_rate=0.1, radius_bound=0.1, total_steps=10)
+    optimizer = SOAA(learning_rate=0.1, total_steps=10)
     optimizer.apply([ops.convert_to_tensor([1.0, -2.0], dtype=dtype)], [theta])
     np.testing.assert_allclose(to_numpy(theta), [0.95, -1.975], rtol=1e-7)
     np.testing.assert_allclose(

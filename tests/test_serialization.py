@@ -8,13 +8,13 @@ import pytest
 from conftest import scalars_of, to_numpy
 
 from keras_soaa import SOAA, TrustRegionCallback
+from keras_soaa.controllers import PaperController
 
 FULL_CONFIG = dict(
     learning_rate=0.02,
     beta_1=0.8,
     beta_2=0.99,
     epsilon=1e-6,
-    radius_bound=0.3,
     total_steps=77,
     initial_radius=1.5,
     weight_decay=0.01,
@@ -24,10 +24,11 @@ FULL_CONFIG = dict(
 
 
 def test_config():
-    optimizer = SOAA(**FULL_CONFIG)
+    optimizer = SOAA(**FULL_CONFIG, controller=PaperController(radius_bound=0.3))
     config = optimizer.get_config()
     for key, value in FULL_CONFIG.items():
         assert config[key] == pytest.approx(value), key
+    assert config["controller"]["config"] == {"radius_bound": 0.3}
     restored = SOAA.from_config(config)
     assert restored.get_config() == config
 
