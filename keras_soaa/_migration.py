@@ -3,15 +3,17 @@
 Keras restores an optimizer's variables by position, so their order is a
 file format, the state layout (docs/saving.md, "State layout"):
 
-- layouts 1 to 3 (keras-soaa 0.1 to 0.4): after the moments, five scalars
-  every controller shared (`OLD_SHARED`), then the controller's sums and
-  state (layout 1: the paper's controller, which had none);
-- layout 4: after the moments, `state_layout` (4.0), `radius`, then the
-  controller's sums and state (`SOAA.controller_state()`).
+- layouts 1 to 3 (keras-soaa 0.1 to 0.4): Keras' own variables, the
+  moments, then five scalars every controller shared (`OLD_SHARED`), then
+  the controller's sums and state (layout 1: the paper's controller, which
+  had none);
+- layout 4: Keras' own variables, `state_layout` (4.0), the moments,
+  `radius`, then the controller's sums and state
+  (`SOAA.controller_state()`).
 
-The counts of the two differ for every controller, so a file is read by
-its count alone, weights-only files included; layout 4 and later carry
-their version in the state.
+Where layout 4 has the scalar `state_layout`, layouts 1-3 have the first
+moment, an array unless the first variable is a scalar; a state is read as
+the layout found there, weights-only files (no config) included.
 
 Also here: SOAA's arguments that moved to the controllers in layout 4.
 """
@@ -50,13 +52,16 @@ def controller_with_deprecated_arguments(controller, kwargs: dict):
     moved = {name: kwargs.pop(name) for name in MOVED if name in kwargs}
     if not moved:
         return controller
-    name = type(controllers.get(controller)).__name__
-    spelled = ", ".join(f"{MOVED[k]}={v!r}" for k, v in moved.items())
+    cls = type(controllers.get(controller))
+    accepted = inspect.signature(cls.__init__).parameters
+    spelled = ", ".join(f"{MOVED[k]}={v!r}" for k, v in moved.items()
+                        if MOVED[k] in accepted)
     warnings.warn(
-        f"SOAA({', '.join(moved)}=...) is deprecated and will be removed in "
-        "the next release: these are the controller's arguments now. Use "
-        f"`SOAA(controller=keras_soaa.controllers.{name}({spelled}))` (an "
-        "argument the controller does not take had no effect).",
+        f"SOAA's arguments {', '.join(f'`{k}`' for k in moved)} are deprecated "
+        "and will be removed in the next release: they are the controller's "
+        f"arguments now. Use `SOAA(controller=keras_soaa.controllers."
+        f"{cls.__name__}({spelled}))` (an argument the controller does not "
+        "take had no effect).",
         DeprecationWarning, stacklevel=3,
     )
     return _with_moved(controller, moved)
@@ -97,6 +102,14 @@ class _Store:
         return self._store[source] if isinstance(source, str) else source
 
 
+def _layout_of(store, index: int) -> float:
+    # 4 or later where the state says so, else 1-3 (0 stands for those).
+    value = np.asarray(store[str(index)]) if str(index) in store.keys() else None
+    if value is None or value.shape != () or float(value) < STATE_LAYOUT_VERSION:
+        return 0.0
+    return float(value)
+
+
 def store_in_current_layout(optimizer, store):
     """`optimizer`'s saved variables (`load_own_variables`) in layout 4.
 
@@ -105,18 +118,19 @@ def store_in_current_layout(optimizer, store):
             carries a newer layout.
     """
     count, variables = len(store.keys()), optimizer.variables
-    fields = ("radius", *optimizer.controller_state())
-    leading = len(variables) - 1 - len(fields)  # before `state_layout`
-    old = OLD_SHARED + tuple(f for f in fields if f not in OLD_SHARED)
-    if count == len(variables):
-        version = float(np.asarray(store[str(leading)]))
-        if version != STATE_LAYOUT_VERSION:
-            validation.refuse_state(optimizer, count, f"layout {version:g}")
+    index = next(i for i, v in enumerate(variables) if v is optimizer._state_layout)
+    layout = _layout_of(store, index)
+    if layout:
+        if layout != STATE_LAYOUT_VERSION or count != len(variables):
+            validation.refuse_state(optimizer, count, f"layout {layout:g}")
         return store
-    if count != leading + len(old):
-        validation.refuse_state(optimizer, count)
+    fields = ("radius", *optimizer.controller_state())
+    old = OLD_SHARED + tuple(f for f in fields if f not in OLD_SHARED)
+    leading = len(variables) - len(fields)  # Keras', `state_layout`, moments
+    if count != leading - 1 + len(old):
+        validation.refuse_state(optimizer, count, "layout 1-3")
     marker = np.array(STATE_LAYOUT_VERSION, dtype="float32")
     return _Store(store, [
-        *map(str, range(leading)), marker,
-        *(str(leading + old.index(field)) for field in fields),
+        *map(str, range(index)), marker, *map(str, range(index, leading - 1)),
+        *(str(leading - 1 + old.index(field)) for field in fields),
     ])

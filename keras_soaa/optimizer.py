@@ -187,6 +187,13 @@ class SOAA(keras.optimizers.Optimizer):
         if self.built:
             return
         super().build(var_list)
+        # First: a file of layout 4 or later says so where layouts 1-3 had
+        # a moment (`_migration.store_in_current_layout`).
+        self._state_layout = self.add_variable(
+            shape=(), dtype="float32", aggregation="only_first_replica",
+            initializer=keras.initializers.Constant(float(STATE_LAYOUT_VERSION)),
+            name="state_layout",
+        )
         self._momentums, self._velocities = [], []
         for variable in var_list:
             # As `add_variable_from_reference`, with `moment_dtype`'s dtype
@@ -201,21 +208,18 @@ class SOAA(keras.optimizers.Optimizer):
                         layout=internals.variable_layout(variable),
                 ))
         controller = self.controller
-        names = ("state_layout", "radius", *(s.name for s in controller.sums),
-                 *controller.state)
-        initial = {"state_layout": float(STATE_LAYOUT_VERSION),
-                   "radius": self.initial_radius}
-        scalars = [
+        names = ("radius", *(s.name for s in controller.sums), *controller.state)
+        # The controller's variables, as `_controller_update` takes them.
+        self._controller_variables = [
             self.add_variable(
                 shape=(), dtype="float32", aggregation="only_first_replica",
-                initializer=keras.initializers.Constant(initial.get(name, 0.0)),
+                initializer=keras.initializers.Constant(
+                    self.initial_radius if name == "radius" else 0.0),
                 name=name,
             )
             for name in names
         ]
-        # The controller's variables, as `_controller_update` takes them.
-        self._controller_variables = scalars[1:]
-        self._sums = scalars[2:2 + len(controller.sums)]
+        self._sums = self._controller_variables[1:1 + len(controller.sums)]
 
     def apply(self, grads, trainable_variables=None):
         """Applies one step (see `keras.optimizers.Optimizer.apply`).

@@ -68,6 +68,13 @@ LATER_LAYOUTS = {
     "soaa_hypergradient_jax": ("jax", 2),
     "soaa_gradient_ratio_torch": ("torch", 3),
 }
+# Layout 4 (keras-soaa 0.5): the configurations above, in its spelling,
+# written with `--layout4`.
+LAYOUT_4 = {
+    "soaa_layout4_tensorflow": ("tensorflow", 4),
+    "soaa_layout4_jax": ("jax", 4),
+    "soaa_layout4_torch": ("torch", 4),
+}
 
 
 def make_optimizer(backend, stem=None):
@@ -76,6 +83,20 @@ def make_optimizer(backend, stem=None):
 
     from keras_soaa import SOAA
 
+    from keras_soaa import controllers
+
+    if stem == "soaa_layout4_tensorflow":
+        return SOAA(learning_rate=0.05, initial_radius=1.3,
+                    controller=controllers.PaperController(radius_bound=0.9))
+    if stem == "soaa_layout4_jax":
+        return SOAA(learning_rate=0.05, initial_radius=1.2,
+                    controller=controllers.HypergradientController(
+                        learning_rate=0.2, min_radius=0.5, max_radius=4.0))
+    if stem == "soaa_layout4_torch":
+        schedule = keras.optimizers.schedules.CosineDecay(0.05, decay_steps=12)
+        return SOAA(learning_rate=schedule, weight_decay=0.01,
+                    controller=controllers.GradientRatioController(
+                        learning_rate=0.1, decay=0.8, grow_above=0.4))
     if stem == "soaa_hypergradient_jax":
         return SOAA(
             learning_rate=0.05, controller="hypergradient", initial_radius=1.2,
@@ -168,8 +189,9 @@ def main():
     if len(sys.argv) >= 3 and sys.argv[1] == "--backend":
         make_one(*sys.argv[2:])
         return
-    if sys.argv[1:] == ["--layouts"]:
-        jobs = [(backend, name) for name, (backend, _) in LATER_LAYOUTS.items()]
+    if sys.argv[1:] in (["--layouts"], ["--layout4"]):
+        files = LATER_LAYOUTS if sys.argv[1] == "--layouts" else LAYOUT_4
+        jobs = [(backend, name) for name, (backend, _) in files.items()]
     else:
         jobs = [(backend, f"soaa_{backend}") for backend in BACKENDS]
     for backend, name in jobs:

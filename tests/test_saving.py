@@ -41,11 +41,15 @@ import keras
 import numpy as np
 import pytest
 import saving_worker as w
-from conftest import BACKEND
+from conftest import BACKEND, PAPER_SCALARS
 
 from keras_soaa import SOAA
 from keras_soaa.callback import find_soaa
-from keras_soaa.controllers import TrustRegionState
+from keras_soaa.controllers import (
+    GradientRatioController,
+    HypergradientController,
+    PaperController,
+)
 from keras_soaa.optimizer import STATE_LAYOUT_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,7 +72,8 @@ def make_soaa():
     # radius_bound=0.9 keeps the radius inside its bounds on some steps, so
     # that rho (and with it loss_average and the predicted reductions)
     # matters; at the bounds the radius would not depend on them.
-    return SOAA(learning_rate=0.05, initial_radius=1.3, radius_bound=0.9)
+    return SOAA(learning_rate=0.05, initial_radius=1.3,
+                controller=PaperController(radius_bound=0.9))
 
 
 def report(what, diffs):
@@ -160,7 +165,7 @@ def scalars_from_state(model, state):
     index = {id(v): i for i, v in enumerate(model.optimizer.variables)}
     return {
         name: float(state[f"optimizer/{index[id(getattr(soaa, name))]}"])
-        for name in TrustRegionState._fields
+        for name in PAPER_SCALARS
     }
 
 
@@ -329,7 +334,7 @@ def test_saved_state_holds_the_trust_region_mid_run(part1):
     assert scalars["previous_predicted_reduction"] > 0
     assert int(w.to_numpy(loaded.optimizer.iterations)) == STEPS_PART1
     assert loaded.optimizer.total_steps == STEPS
-    assert loaded.optimizer.get_config()["state_layout_version"] == 1
+    assert loaded.optimizer.get_config()["state_layout_version"] == 4
 
 
 # ---------------------------------------------------------------------------
@@ -346,7 +351,7 @@ def test_file_saved_here_loads_and_trains_on(destination, uninterrupted, part1,
     config = json.loads(str(result["config"]))
     assert config == part1["config"]
     assert config["total_steps"] == STEPS
-    assert config["state_layout_version"] == 1  # the paper controller's
+    assert config["state_layout_version"] == 4
     # ... and the 8 steps trained on `destination` agree with the 8 steps
     # trained here, within float32 rounding of a different op order.
     steps = STEPS - STEPS_PART1
@@ -359,7 +364,28 @@ def test_file_saved_here_loads_and_trains_on(destination, uninterrupted, part1,
 
 
 # ---------------------------------------------------------------------------
-# 4. Golden files: written by saved_models/make_golden.py, one per backend.
+# 4. Golden files: written by saved_models/make_golden.py. Layouts 1-3 by
+# keras-soaa 0.1-0.4 (before layout 4), layout 4 by this version.
+
+# Each file's state layout and the controller its optimizer config means,
+# written out here so that a regenerated file with another configuration
+# fails instead of passing silently.
+GOLDEN_FILES = {
+    "tensorflow": (1, PaperController(radius_bound=0.9)),
+    "jax": (1, PaperController(radius_bound=0.5)),
+    "torch": (1, PaperController()),
+    "hypergradient_jax": (2, HypergradientController(
+        learning_rate=0.2, min_radius=0.5, max_radius=4.0)),
+    "gradient_ratio_torch": (3, GradientRatioController(
+        learning_rate=0.1, decay=0.8, grow_above=0.4)),
+    "layout4_tensorflow": (4, PaperController(radius_bound=0.9)),
+    "layout4_jax": (4, HypergradientController(
+        learning_rate=0.2, min_radius=0.5, max_radius=4.0)),
+    "layout4_torch": (4, GradientRatioController(
+        learning_rate=0.1, decay=0.8, grow_above=0.4)),
+}
+MOVED_TO_CONTROLLERS = ("radius_bound", "radius_learning_rate", "min_radius",
+                        "max_radius")
 
 
 def load_golden(source):
@@ -369,88 +395,95 @@ def load_golden(source):
     return arrays, info
 
 
-# What make_golden.py configured, written out here so that a regenerated
-# file with another configuration fails instead of passing silently.
-GOLDEN_CONFIG = {
-    "tensorflow": dict(learning_rate=0.05, radius_bound=0.9,
-                       initial_radius=1.3, total_steps=12),
-    "jax": dict(beta_1=0.85, radius_bound=0.5, weight_decay=0.01,
-                total_steps=12),
-    "torch": dict(learning_rate=0.05, total_steps=20, initial_radius=0.8,
-                  clipnorm=1.0),
-}
+def in_current_layout(arrays, info, model, prefix):
+    """A golden file's recorded state with the optimizer's variables in the
+    order `model`'s optimizer has them. A layout-4 file as it is. Layouts
+    1-3: Keras' own variables and the moments by position, `state_layout`
+    4 before the moments, the trust-region scalars by name (layouts 2 and 3
+    prefixed the controller's: `ratio_actual_average`)."""
+    state = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+    if info["optimizer_config"].get("state_layout_version", 1) >= 4:
+        return state
+    old = info["variable_names"]["optimizer"]
+    new = [v.name for v in model.optimizer.variables]
+    marker, radius = new.index("state_layout"), new.index("radius")
+    state = {k: v for k, v in state.items() if k.startswith("weight/")}
+    for i, name in enumerate(new):
+        if name == "state_layout":
+            state[f"optimizer/{i}"] = np.float32(4.0)
+            continue
+        if i < radius:
+            source = i - (i > marker)
+        else:
+            source = max(j for j, o in enumerate(old) if name in (
+                o, o.removeprefix("hypergradient_").removeprefix("ratio_")))
+        state[f"optimizer/{i}"] = arrays[f"{prefix}optimizer/{source}"]
+    return state
 
 
-@pytest.mark.parametrize("source", BACKENDS)
+@pytest.mark.parametrize("source", GOLDEN_FILES)
 def test_golden_file_restores_its_state(source):
     arrays, info = load_golden(source)
+    layout, controller = GOLDEN_FILES[source]
     path = GOLDEN / f"soaa_{source}.keras"
     assert path.stat().st_size < 100_000
     model = keras.saving.load_model(path)
     optimizer = model.optimizer
     assert isinstance(optimizer, SOAA)
 
-    # Config, total_steps and the state layout version.
+    # Config: the controller's constants moved into the controller; the
+    # arguments added since the file was written take their defaults.
+    assert info["optimizer_config"].get("state_layout_version", 1) == layout
+    assert optimizer.controller == controller
     config = json_round_trip(optimizer.get_config())
-    # Arguments added since the file was written take their defaults.
-    added = dict(controller="paper", radius_learning_rate=0.05,
-                 min_radius=0.1, max_radius=10.0, fused=None)
-    assert config == {**info["optimizer_config"], **added}
-    assert config["state_layout_version"] == info["state_layout_version"] == 1
-    for key, value in GOLDEN_CONFIG[source].items():
-        assert config[key] == pytest.approx(value), key
-    if source == "jax":
-        schedule = optimizer._learning_rate
-        assert isinstance(schedule, keras.optimizers.schedules.CosineDecay)
-        assert schedule.get_config()["decay_steps"] == 12
+    assert config["state_layout_version"] == 4
+    saved = dict(info["optimizer_config"], fused=None)
+    for key in ("controller", "state_layout_version", *MOVED_TO_CONTROLLERS):
+        config.pop(key, None)
+        saved.pop(key, None)
+    assert config == saved
 
-    # The layout: iterations, [learning_rate], (m, v) per weight, 5 scalars.
-    # (Names are not stored: the optimizer's variable names follow the
-    # weights' paths, which gain a "sequential/" prefix in a model built by
-    # hand but not in a loaded one; the order is what the layout fixes.)
-    names = {kind: [n.removeprefix("sequential_") for n in names]
-             for kind, names in w.variable_names(model).items()}
-    expected_names = {kind: [n.removeprefix("sequential_") for n in names]
-                      for kind, names in info["variable_names"].items()}
-    assert names == expected_names
-    trainable = len(model.trainable_variables)
-    has_lr_variable = source != "jax"  # a schedule has no variable
-    assert len(optimizer.variables) == 1 + has_lr_variable + 2 * trainable + 5
-    assert names["optimizer"][-5:] == list(TrustRegionState._fields)
-
-    # Every weight, m, v and scalar restored bit-exactly, on every backend.
+    # Every weight, m, v and scalar restored bit-exactly, on every backend,
+    # in layout 4 whatever layout the file has.
+    expected = in_current_layout(arrays, info, model, "restored/")
+    assert len(optimizer.variables) == len(
+        [k for k in expected if k.startswith("optimizer/")])
     state = w.model_state(model)
-    diffs = assert_states_equal(state, arrays, "", "restored/")
+    assert set(state) == {k for k in expected
+                          if k.startswith(("weight/", "optimizer/"))}
+    diffs = assert_states_equal(state, expected)
     report(f"golden {source} restored", diffs)
-    assert w.scalar_state(model) == info["scalars"]
-    assert info["scalars"]["loss_count"] == 8
-    assert int(w.to_numpy(optimizer.iterations)) == 8
-    # The momentum of the first kernel is where the layout says it is.
-    np.testing.assert_array_equal(
-        w.to_numpy(optimizer._momentums[0]),
-        arrays[f"restored/optimizer/{1 + has_lr_variable}"])
-    np.testing.assert_array_equal(
-        w.to_numpy(optimizer.radius),
-        arrays[f"restored/optimizer/{len(optimizer.variables) - 5}"])
+    assert int(w.to_numpy(optimizer.iterations)) == info["steps_saved"] == 8
+    scalars = {name: float(w.to_numpy(v))
+               for name, v in optimizer.controller_state().items()}
+    scalars["radius"] = float(w.to_numpy(optimizer.radius))
+    for name, value in info["scalars"].items():
+        name = name.removeprefix("hypergradient_").removeprefix("ratio_")
+        if name in scalars:
+            assert scalars[name] == value, name
+    assert scalars["radius"] not in (1.0, optimizer.initial_radius)  # it moved
 
     # Inference from the restored weights matches the source backend.
     assert_outputs_close(w.to_numpy(model(arrays["x"])), arrays["predictions"],
                          f"golden {source} predictions on {BACKEND}")
 
 
-@pytest.mark.parametrize("source", BACKENDS)
+@pytest.mark.parametrize("source", GOLDEN_FILES)
 def test_golden_file_continues_training_as_on_its_backend(source):
+    """Training on from the file gives what the version and backend that
+    wrote it gave, within float32 rounding (layouts 1-3: keras-soaa 0.4)."""
     arrays, info = load_golden(source)
     model = w.load_for_training(GOLDEN / f"soaa_{source}.keras")
     fed = w.fit(model, arrays["x"], arrays["y"], epochs=3, initial_epoch=2)
     steps = info["steps_continued"]
     assert len(fed) == steps == 4
-    diffs = assert_states_close(
-        w.model_state(model), arrays, steps, model, "", "continued/")
+    expected = in_current_layout(arrays, info, model, "continued/")
+    diffs = assert_states_close(w.model_state(model), expected, steps, model)
     loss_diff = assert_losses_close(fed, arrays["continued_fed_losses"], steps)
     report(f"golden {source}, 4 steps on {BACKEND} vs on {source}",
            {**diffs, "fed loss": loss_diff})
-    assert w.scalar_state(model)["loss_count"] == 12
+    if isinstance(model.optimizer.controller, PaperController):
+        assert w.scalar_state(model)["loss_count"] == 12
 
 
 # ---------------------------------------------------------------------------
@@ -576,7 +609,7 @@ def rewrite_keras_file(source, destination, edit):
 def test_newer_state_layout_version_is_refused(workdir, part1, data):
     def set_version(version):
         def edit(optimizer_config):
-            assert optimizer_config["state_layout_version"] == 1
+            assert optimizer_config["state_layout_version"] == 4
             if version is None:
                 del optimizer_config["state_layout_version"]
             else:
@@ -584,7 +617,7 @@ def test_newer_state_layout_version_is_refused(workdir, part1, data):
         return edit
 
     newer = rewrite_keras_file(
-        part1["path"], workdir / "v2.keras", set_version(STATE_LAYOUT_VERSION + 1))
+        part1["path"], workdir / "v5.keras", set_version(STATE_LAYOUT_VERSION + 1))
     with pytest.raises(
         ValueError,
         match=f"state layout version {STATE_LAYOUT_VERSION + 1}.*newer keras-soaa",
@@ -595,9 +628,10 @@ def test_newer_state_layout_version_is_refused(workdir, part1, data):
     np.testing.assert_array_equal(
         w.to_numpy(inference(data[0])), part1["predictions"])
 
-    # Controls: the same rewrite with version 1, or with no version (files
-    # written before the key existed), loads with the full state.
-    for name, version in (("v1.keras", 1), ("v_none.keras", None)):
+    # Controls: the same rewrite with version 4, or with no version (files
+    # written before the key existed: the state's layout decides), loads
+    # with the full state.
+    for name, version in (("v4.keras", 4), ("v_none.keras", None)):
         same = rewrite_keras_file(part1["path"], workdir / name, set_version(version))
         loaded = keras.saving.load_model(same)
         assert_states_equal(w.model_state(loaded), part1["state"])
@@ -609,8 +643,8 @@ def test_variable_count_mismatch_raises(workdir, part1):
     model.optimizer.build(model.trainable_variables)
     store = {str(i): v for i, v in enumerate(
         w.to_numpy(v) for v in model.optimizer.variables[:-1])}
-    with pytest.raises(ValueError, match="saved state has 14 variables, this "
-                                         "optimizer has 15"):
+    with pytest.raises(ValueError, match="saved state has 15 variables of "
+                                         "state layout 4, this optimizer has 16"):
         model.optimizer.load_own_variables(store)
 
     # A .keras file whose config asks for more variables (use_ema adds one
@@ -628,8 +662,8 @@ def test_variable_count_mismatch_raises(workdir, part1):
     schedule = keras.optimizers.schedules.CosineDecay(0.05, decay_steps=16)
     other = w.make_model(SOAA(learning_rate=schedule))
     other.optimizer.build(other.trainable_variables)
-    with pytest.raises(ValueError, match="saved state has 15 variables, this "
-                                         "optimizer has 14"):
+    with pytest.raises(ValueError, match="saved state has 16 variables.*this "
+                                         "optimizer has 15"):
         other.load_weights(weights)
 
 
