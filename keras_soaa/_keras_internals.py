@@ -28,6 +28,7 @@ __all__ = [
     "HookedTrainFunction",
     "callback_model",
     "in_fit",
+    "learning_rate_schedule",
     "in_stateless_scope",
     "loss_tracker",
     "overwritten_with_gradient",
@@ -48,6 +49,17 @@ __all__ = [
 
 
 _TRAINERS = os.path.join(os.path.dirname(keras.__file__), "src", "backend")
+
+
+def learning_rate_schedule(optimizer):
+    """The optimizer's `LearningRateSchedule`, or `None` for another rate.
+
+    `TrustRegionCallback` warns when `fit` runs past the step where the
+    schedule reaches 0; Keras' public `learning_rate` is the current value.
+    """
+    rate = optimizer._learning_rate
+    schedules = keras.optimizers.schedules.LearningRateSchedule
+    return rate if isinstance(rate, schedules) else None
 
 
 def in_fit() -> bool:
@@ -215,10 +227,13 @@ def sync_trainer_state(model):
     """Makes variables readable and writable during a JAX `fit`.
 
     The JAX trainer holds the training state outside the variables during an
-    epoch; `jax_state_sync` writes it back, and the trainer regathers it
+    epoch; its state sync writes it back, and the trainer regathers it
     afterwards, so a callback's reads and writes are seen. No-op elsewhere.
+    Keras' development branch (3.16) names it `state_sync` and keeps
+    `jax_state_sync` as an alias; 3.15 has only `jax_state_sync`.
     """
-    sync = getattr(model, "jax_state_sync", None)
+    sync = getattr(model, "state_sync", None) or getattr(
+        model, "jax_state_sync", None)
     if sync is not None:
         sync()
 

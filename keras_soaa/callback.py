@@ -2,6 +2,7 @@
 
 import contextlib
 import threading
+import warnings
 from typing import NamedTuple
 
 import keras
@@ -354,6 +355,7 @@ class TrustRegionCallback(keras.callbacks.Callback):
                 self._optimizer.total_steps = max(
                     1, (epochs * steps) // accumulation
                 )
+        self._warn_if_past_total_steps()
         if (
             self._optimizer.total_steps is None
             and self._optimizer.controller.needs_total_steps
@@ -390,6 +392,23 @@ class TrustRegionCallback(keras.callbacks.Callback):
         # batch ends on another, see `async_safe`).
         self._owing_batch = self._ended = None
         self._fit_thread = threading.get_ident()
+
+    def _warn_if_past_total_steps(self):
+        # `fit` would train on with a rate decayed to 0 (the weights freeze).
+        optimizer, epochs, steps = (self._optimizer, self.params.get("epochs"),
+                                    self.params.get("steps"))
+        schedule = internals.learning_rate_schedule(optimizer)
+        if not (epochs and steps and optimizer.total_steps and schedule):
+            return
+        end = (epochs * steps) // (optimizer.gradient_accumulation_steps or 1)
+        total = optimizer.total_steps
+        if end > total and float(ops.convert_to_numpy(schedule(total))) == 0.0:
+            warnings.warn(
+                f"`fit` will run {end} optimizer steps, but SOAA's learning "
+                f"rate schedule reaches 0 at total_steps={total}: the weights "
+                f"stop moving for the last {end - total} steps. Pass "
+                f"total_steps={end} (e.g. `keras_soaa.presets.recommended("
+                f"learning_rate, total_steps={end})`).", UserWarning, stacklevel=2)
 
     @property
     def async_safe(self) -> bool:

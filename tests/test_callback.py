@@ -6,6 +6,7 @@ import pytest
 from conftest import BACKEND, to_numpy
 from fed_losses import FedLossRecorder
 
+import keras_soaa
 from keras_soaa import SOAA, TrustRegionCallback
 
 # 50 samples in batches of 16: 16, 16, 16 and an uneven last batch of 2.
@@ -408,3 +409,29 @@ def test_fit_that_raises_leaves_no_hand_over_behind():
               callbacks=[recorder])
     assert len(recorder.fed) == len(BATCH_SLICES)
     assert not isinstance(model.train_function, HookedTrainFunction)
+
+
+def test_fit_past_total_steps_with_a_rate_decayed_to_zero_warns_once():
+    """`presets.recommended(..., total_steps=4)` in a `fit` of 12 steps: the
+    rate is 0 from step 4 on; the callback says so and names the fix."""
+    x = np.ones((16, 2), "float32")
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras_soaa.presets.recommended(0.01, total_steps=4),
+                  loss="mse")
+    with pytest.warns(UserWarning, match="total_steps=12") as caught:
+        model.fit(x, x[:, :1], batch_size=4, epochs=3, verbose=0,
+                  callbacks=[TrustRegionCallback()])
+    assert len([w for w in caught if "reaches 0" in str(w.message)]) == 1
+
+
+def test_fit_within_total_steps_does_not_warn():
+    import warnings
+
+    x = np.ones((16, 2), "float32")
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras_soaa.presets.recommended(0.01, total_steps=12),
+                  loss="mse")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model.fit(x, x[:, :1], batch_size=4, epochs=3, verbose=0,
+                  callbacks=[TrustRegionCallback()])

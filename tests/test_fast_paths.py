@@ -101,3 +101,33 @@ def test_backend_path_matches_portable_path_for_mixed_dtypes():
     np.testing.assert_allclose(
         scalars_of(fast), scalars_of(plain), rtol=1e-5, atol=1e-9
     )
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                    reason="raw tf.Variable and tf.IndexedSlices are TensorFlow's")
+def test_raw_tf_variables_and_sparse_gradients_on_the_fast_path():
+    """As Keras' `test_mixed_with_tf_variables` and `optimizer_sparse_test`:
+    raw `tf.Variable`s (no `.path`) train, and `IndexedSlices` (tensor or
+    tuple indices) give the dense gradient's result, eager fast path and
+    portable path alike."""
+    import tensorflow as tf
+
+    for fused in (None, False):
+        results = []
+        for kind in ("dense", "tensor", "tuple"):
+            variables = [tf.Variable([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]),
+                         keras.Variable([0.5, -0.5])]
+            optimizer = SOAA(learning_rate=0.1, total_steps=5, fused=fused)
+            values = tf.constant([[0.1, -0.2], [0.3, 0.4]])
+            for _ in range(3):
+                if kind == "dense":
+                    sparse = tf.constant([[0.1, -0.2], [0.0, 0.0], [0.3, 0.4]])
+                else:
+                    indices = tf.constant([0, 2]) if kind == "tensor" else (0, 2)
+                    sparse = tf.IndexedSlices(values, indices, dense_shape=(3, 2))
+                optimizer.apply([sparse, tf.constant([0.2, 0.1])], variables)
+            results.append([v.numpy() for v in variables])
+        for result in results[1:]:
+            for a, b in zip(result, results[0]):
+                np.testing.assert_array_equal(a, b)
+        assert not np.array_equal(results[0][0], [[1, 2], [3, 4], [5, 6]])
