@@ -16,9 +16,9 @@ from keras_soaa.controllers import PaperController
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Counts the calls of `SOAA.update_step` and of the controller."""
+    """Counts the calls of `SOAA.update_step` and of the controller's update."""
     counts = {"update_step": 0, "observe": 0}
-    update_step, observe = SOAA.update_step, PaperController.observe
+    update_step, observe = SOAA.update_step, PaperController.update
 
     def counted_update_step(self, *args, **kwargs):
         counts["update_step"] += 1
@@ -29,7 +29,7 @@ def calls(monkeypatch):
         return observe(self, *args, **kwargs)
 
     monkeypatch.setattr(SOAA, "update_step", counted_update_step)
-    monkeypatch.setattr(PaperController, "observe", counted_observe)
+    monkeypatch.setattr(PaperController, "update", counted_observe)
     return counts
 
 

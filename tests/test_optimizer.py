@@ -378,16 +378,19 @@ def test_scalar_state_layout():
     optimizer = SOAA(initial_radius=0.7)
     optimizer.build([theta])
     names = [v.name for v in optimizer.variables]
+    # State layout 4 (docs/algorithm.md, "State"): `state_layout` before the
+    # moments; after them the radius, the paper controller's sum and state.
+    assert names[1:3] == ["learning_rate", "state_layout"]
     assert names[-5:] == [
         "radius",
+        "predicted_reduction",
         "loss_average",
         "loss_count",
-        "predicted_reduction",
         "previous_predicted_reduction",
     ]
-    assert all(v.dtype == "float32" for v in optimizer.variables[-5:])
-    assert all(v.aggregation == "only_first_replica"
-               for v in optimizer.variables[-5:])
+    scalars = [optimizer.variables[2], *optimizer.variables[-5:]]
+    assert all(v.dtype == "float32" for v in scalars)
+    assert all(v.aggregation == "only_first_replica" for v in scalars)
     np.testing.assert_array_equal(
         scalars_of(optimizer), np.float32([0.7, 0, 0, 0, 0])
     )
