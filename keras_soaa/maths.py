@@ -37,6 +37,10 @@ from keras import ops
 # (`keras_soaa.controllers.Sum`).
 PREDICTED_REDUCTION = "predicted_reduction"
 
+# `S` of the overflow guard (`curvature_sums`): a power of two, so scaling
+# by it is exact (where the result is normal).
+OVERFLOW_SCALE = 2.0**-64
+
 # The largest finite value of the 16-bit float dtypes, whose variables are
 # updated in float32 and rounded once at the end.
 LARGEST_FINITE = {"float16": 65504.0, "bfloat16": 3.3895313892515355e38}
@@ -53,7 +57,10 @@ class StepScalars(NamedTuple):
 
 
 class CurvatureSums(NamedTuple):
-    """`sum(new_m**2) * scale` and `sum(new_v) * scale` of one variable."""
+    """`sum(new_m**2) * scale` and `sum(new_v) * scale` of one variable.
+
+    `scale` is 1, or `OVERFLOW_SCALE**2` where the plain sums overflow.
+    """
 
     sum_m_sq: object
     sum_v: object
@@ -98,31 +105,28 @@ def moments(m, v, gradient, beta_1: float, beta_2: float):
 def curvature_sums(new_m, new_v) -> CurvatureSums:
     """Returns `sum(new_m**2)` and `sum(new_v)`, rescaled if one overflows.
 
-    Both sums are taken as they are, in one pass; only when one overflows
-    (a variable of large gradients: `g**2 ~ 1e36` summed) are they taken
-    again, scaled by `s = k**2`, `k = 1 / sqrt(max(1, max(new_v)))`: the
-    ratio `c` needs is the same. The terms are multiplied by `k` twice,
-    never by `k**2`, which can be subnormal (XLA on CPU flushes subnormals
-    to zero). A non-finite `new_v` leaves the second sum non-finite either
-    way, and the step is skipped (`is_finite_step`).
+    docs/algorithm.md, "Overflow guard". The plain sums and the sums of the
+    elements scaled by `S = OVERFLOW_SCALE` (`sum((new_m * S)**2)`,
+    `sum(new_v * S * S)`) are taken in the same pass, with no branch, and
+    the plain ones kept where both are finite: the ratio `c` needs is the
+    same either way. Every term of the scaled `v` sum is at most 1, and
+    where `beta_1 <= beta_2`, `(new_m * S)**2 <= new_v * S * S * (1 -
+    beta_1) / (1 - beta_2)`: the scaled sums are finite whenever `new_v`
+    is. A non-finite `new_v` leaves them non-finite, and the step is
+    skipped (`is_finite_step`).
     """
-    one = ops.ones((), new_v.dtype)
-    plain = CurvatureSums(ops.sum(ops.square(new_m)), ops.sum(new_v), one)
-
-    def scaled():
-        k = ops.divide(one, ops.sqrt(ops.max(new_v, initial=1.0)))
-        return CurvatureSums(
-            ops.sum(ops.square(ops.multiply(new_m, k))),
-            ops.sum(ops.multiply(ops.multiply(new_v, k), k)),
-            ops.multiply(k, k),
-        )
-
+    plain_m, plain_v = ops.sum(ops.square(new_m)), ops.sum(new_v)
+    # `* S` twice, never `* S**2`: subnormal, which XLA on CPU flushes to 0.
+    scaled_m = ops.sum(ops.square(ops.multiply(new_m, OVERFLOW_SCALE)))
+    scaled_v = ops.sum(ops.multiply(ops.multiply(new_v, OVERFLOW_SCALE),
+                                    OVERFLOW_SCALE))
+    plain = ops.logical_and(ops.isfinite(plain_m), ops.isfinite(plain_v))
     return CurvatureSums(
-        *ops.cond(
-            ops.logical_and(ops.isfinite(plain[0]), ops.isfinite(plain[1])),
-            lambda: tuple(plain),
-            lambda: tuple(scaled()),
-        )
+        ops.where(plain, plain_m, scaled_m),
+        ops.where(plain, plain_v, scaled_v),
+        ops.where(plain, ops.ones((), new_v.dtype),
+                  ops.multiply(ops.full((), OVERFLOW_SCALE, new_v.dtype),
+                               OVERFLOW_SCALE)),
     )
 
 

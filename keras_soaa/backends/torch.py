@@ -84,12 +84,13 @@ def moments(momentums, velocities, grads, beta_1, beta_2, in_place=False):
 
 def curvature_sums(new_m, new_v) -> maths.CurvatureSums:
     """`maths.curvature_sums` for many variables: vectors of sums."""
-    sum_m_sq = _dots(zip(new_m, new_m))
-    sum_v = torch.stack([v.sum() for v in new_v])
-    if bool(torch.isfinite(sum_m_sq).all() & torch.isfinite(sum_v).all()):
-        return maths.CurvatureSums(sum_m_sq, sum_v, torch.ones_like(sum_v))
-    # Rare (huge gradients): the portable sums, which rescale where a plain
-    # sum overflows. The host check is free on CPU; it guards only this.
+    if _host_reads_are_free(new_v[0]):
+        sum_m_sq = _dots(zip(new_m, new_m))
+        sum_v = torch.stack([v.sum() for v in new_v])
+        if bool(torch.isfinite(sum_m_sq).all() & torch.isfinite(sum_v).all()):
+            return maths.CurvatureSums(sum_m_sq, sum_v, torch.ones_like(sum_v))
+    # Rare on CPU (huge gradients), else always: the portable sums, which
+    # rescale where a plain sum overflows, with no branch.
     return maths.CurvatureSums(
         *(torch.stack(sums) for sums in zip(*map(maths.curvature_sums, new_m, new_v)))
     )
@@ -226,7 +227,7 @@ def update_step(
     if not in_place:  # computed aside: write what the skip rule keeps
         states = momentums + velocities + params
         news = [*new_m, *new_v, *new_params]
-        if params[0].device.type == "cpu" and bool(is_finite.all()):
+        if _host_reads_are_free(params[0]) and bool(is_finite.all()):
             # Every step applied: a plain copy. (A host check is free on CPU;
             # on an accelerator it would stall the queue: `where` there.)
             torch._foreach_copy_(states, news)
@@ -238,21 +239,27 @@ def update_step(
     )
 
 
+def _host_reads_are_free(tensor):
+    # On CPU, outside `torch.compile` (where a host read breaks the graph);
+    # on an accelerator it would stall the queue.
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def applies_to_every_variable(grads, params, scalars, beta_1, beta_2):
     """Whether the skip rule will apply every variable's step, known up front.
 
     Then `update_step` writes `m`, `v` and `theta` in place: no new arrays,
-    and a read of `g` instead of a copy of all three. On CPU (the checks are
-    host reads, free there) for variables of the compute dtype, when the
-    learning rate and every `sum(g**2)` are finite: every `g**2` is then
-    finite, so are `new_v` and the sums `c` needs (rescaled if they
+    and a read of `g` instead of a copy of all three. On CPU outside
+    `torch.compile` (the checks are host reads, free there) for variables of
+    the compute dtype, when the learning rate and every `sum(g**2)` are
+    finite: every `g**2` is then finite, so are `new_v` and the sums `c` needs (rescaled if they
     overflow), and with `beta_1 <= beta_2`, `m**2 <= v * (1 - beta_1) / (1 -
     beta_2)` elementwise bounds `c <= 1 + 1 / ((1 - beta_1) * (1 - beta_2))`:
     finite. Otherwise (a NaN or inf gradient, a huge sum) the step is
     computed aside and selected per variable.
     """
     return (
-        params[0].device.type == "cpu"
+        _host_reads_are_free(params[0])
         and beta_1 <= beta_2
         and all(g.dtype == p.dtype for g, p in zip(grads, params))
         and bool(torch.isfinite(scalars.learning_rate))
