@@ -250,12 +250,13 @@ def applies_to_every_variable(grads, params, scalars, beta_1, beta_2):
 
     Then `update_step` writes `m`, `v` and `theta` in place: no new arrays,
     and a read of `g` instead of a copy of all three. On CPU outside
-    `torch.compile` (the checks are host reads, free there) for variables of
-    the compute dtype, when the learning rate and every `sum(g**2)` are
+    `torch.compile` (the checks are host reads, free there) for variables
+    of the compute dtype, when the learning rate and every `sum(g**2)` are
     finite: every `g**2` is then finite, so are `new_v` and the sums `c`
-    needs (rescaled if they overflow), and with `beta_1 <= beta_2`, `m**2 <= v * (1 - beta_1) / (1 -
-    beta_2)` elementwise bounds `c <= 1 + 1 / ((1 - beta_1) * (1 - beta_2))`:
-    finite. Otherwise (a NaN or inf gradient, a huge sum) the step is
+    needs (rescaled if they overflow), and with `beta_1 <= beta_2`,
+    `m**2 <= v * (1 - beta_1) / (1 - beta_2)` elementwise bounds
+    `c <= 1 + 1 / ((1 - beta_1) * (1 - beta_2))`: finite. Otherwise (a NaN
+    or inf gradient, a huge sum) the step is
     computed aside and selected per variable.
     """
     return (
