@@ -18,7 +18,7 @@ def read_value(variable):
     updated in place, so an alias would change under later assignments.
     `x + 0`, not `ops.copy`: under `torch.compile` (torch 2.13),
     `b.assign(copy(a))` then `a.assign(0)` left `b == 0`
-    (tests/test_robustness.py::test_non_finite_losses_compiled pins it).
+    (tests/test_observe_loss.py::test_non_finite_losses_compiled pins it).
     """
     if keras.backend.backend() == "jax":
         return ops.convert_to_tensor(variable)

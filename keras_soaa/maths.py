@@ -115,11 +115,19 @@ def curvature_sums(new_m, new_v) -> CurvatureSums:
     is. A non-finite `new_v` leaves them non-finite, and the step is
     skipped (`is_finite_step`).
     """
-    plain_m, plain_v = ops.sum(ops.square(new_m)), ops.sum(new_v)
-    # `* S` twice, never `* S**2`: subnormal, which XLA on CPU flushes to 0.
-    scaled_m = ops.sum(ops.square(ops.multiply(new_m, OVERFLOW_SCALE)))
-    scaled_v = ops.sum(ops.multiply(ops.multiply(new_v, OVERFLOW_SCALE),
-                                    OVERFLOW_SCALE))
+    m, v = ops.reshape(new_m, (-1,)), ops.reshape(new_v, (-1,))
+    rows = (
+        ops.square(m), v, ops.square(ops.multiply(m, OVERFLOW_SCALE)),
+        # `* S` twice, never `* S**2`: subnormal, which XLA on CPU flushes.
+        ops.multiply(ops.multiply(v, OVERFLOW_SCALE), OVERFLOW_SCALE),
+    )
+    if keras.backend.backend() == "torch":  # eager: the rows one by one
+        plain_m, plain_v, scaled_m, scaled_v = map(ops.sum, rows)
+    else:
+        # One reduction of four rows: XLA fuses it into one pass over
+        # `new_m` and `new_v`, the rows never materialized.
+        plain_m, plain_v, scaled_m, scaled_v = ops.unstack(
+            ops.sum(ops.stack(rows), axis=1))
     plain = ops.logical_and(ops.isfinite(plain_m), ops.isfinite(plain_v))
     return CurvatureSums(
         ops.where(plain, plain_m, scaled_m),

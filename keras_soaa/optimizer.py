@@ -225,13 +225,17 @@ class SOAA(keras.optimizers.Optimizer):
         """Applies one step (see `keras.optimizers.Optimizer.apply`).
 
         Warns once if the controller needs losses and none are fed: in
-        `fit` without `TrustRegionCallback`, or at a second `apply` with
-        no `observe_loss` in between the first two.
+        `fit` without `TrustRegionCallback`; elsewhere at once if it needs
+        `total_steps` and has none (`observe_loss` could not run), else at a
+        second `apply` with no `observe_loss` after the first.
         """
         if (self.controller.needs_loss and not self._loss_observer_attached
                 and not self._loss_observed and self._applies_without_loss >= 0):
             self._applies_without_loss += 1
-            if self._applies_without_loss >= 2 or internals.in_fit():
+            cannot_observe = (self.total_steps is None
+                              and self.controller.needs_total_steps)
+            if (self._applies_without_loss >= 2 or cannot_observe
+                    or internals.in_fit()):
                 self._applies_without_loss = -1  # once
                 warnings.warn(validation.no_loss_observed_message(self),
                               UserWarning, stacklevel=2)

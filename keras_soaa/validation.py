@@ -164,7 +164,9 @@ def no_loss_observed_message(optimizer):
         f"stays at initial_radius={optimizer.initial_radius} and never "
         "adapts. With `model.fit`, pass "
         "`callbacks=[keras_soaa.TrustRegionCallback()]`; in a custom training "
-        "loop, call `optimizer.observe_loss(loss)` after each `apply`."
+        "loop, call `optimizer.observe_loss(loss)` after each `apply`"
+        + (" (with `SOAA(total_steps=...)`)."
+           if optimizer.controller.needs_total_steps else ".")
     )
 
 

@@ -202,13 +202,6 @@ def test_keeps_explicit_total_steps():
     assert optimizer.total_steps == 1000
 
 
-def test_refuses_other_optimizers():
-    x, y = make_data()
-    model = make_model(keras.optimizers.Adam())
-    with pytest.raises(ValueError, match="TrustRegionCallback.*SOAA"):
-        model.fit(x, y, epochs=1, verbose=0, callbacks=[TrustRegionCallback()])
-
-
 def test_unwraps_loss_scale_optimizer():
     x, y = make_data()
     optimizer = SOAA(learning_rate=0.05)

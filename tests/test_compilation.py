@@ -108,3 +108,33 @@ def test_torch_trace_replays_per_input_shapes():
         torch.testing.assert_close(total, expected)
         assert same.shape == x.shape
     assert runs == [(2,), (3,)]  # traced once per shape, values replayed
+
+
+@pytest.mark.parametrize("controller", ["paper", "hypergradient", "gradient_ratio"])
+def test_compiled_step_has_no_control_flow(controller):
+    """No data-dependent branch in the step (docs/algorithm.md, "Overflow
+    guard"): XLA cannot fuse across one, and eager JAX would trace it anew
+    at every call. Counted in the traced program: JAX's jaxpr, TF's graph."""
+    if BACKEND == "torch":
+        pytest.skip("torch runs the step eagerly (no traced program)")
+    variables = [keras.Variable(np.ones((4, 3), "float32")),
+                 keras.Variable(np.ones((3,), "float32"))]
+    optimizer = SOAA(total_steps=10, controller=controller)
+    optimizer.build(variables)
+    grads = [keras.ops.ones((4, 3)), keras.ops.ones((3,))]
+    if BACKEND == "jax":
+        import jax
+
+        program = str(jax.make_jaxpr(optimizer.stateless_apply)(
+            [v.value for v in optimizer.variables], grads,
+            [v.value for v in variables]))
+        branches = [p for p in ("cond", "while", "switch") if f" {p}[" in program]
+    else:
+        import tensorflow as tf
+
+        graph = tf.function(lambda g: optimizer.apply(g, variables)
+                            ).get_concrete_function(grads).graph
+        branches = [op.type for op in graph.get_operations()
+                    if op.type in ("If", "StatelessIf", "While", "StatelessWhile",
+                                   "Case", "StatelessCase")]
+    assert branches == []

@@ -185,14 +185,6 @@ def test_observe_loss_rejects_non_scalar():
     )
 
 
-def test_observe_loss_needs_total_steps():
-    theta = keras.Variable([1.0])
-    optimizer = SOAA()
-    optimizer.apply([ops.convert_to_tensor([1.0])], [theta])
-    with pytest.raises(ValueError, match="total_steps"):
-        optimizer.observe_loss(1.0)
-
-
 def test_non_finite_gradient_leaves_variable_and_state_unchanged():
     good = keras.Variable([1.0, 2.0])
     bad = keras.Variable([3.0, 4.0])
