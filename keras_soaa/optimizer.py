@@ -140,19 +140,9 @@ class SOAA(keras.optimizers.Optimizer):
             `max_radius` are deprecated: pass them to the controller.)
     """
 
-    def __init__(
-        self,
-        learning_rate=0.001,
-        beta_1=0.9,
-        beta_2=0.999,
-        epsilon=1e-8,
-        total_steps=None,
-        initial_radius=1.0,
-        controller=controllers.DEFAULT,
-        fused=None,
-        weight_decay=None,
-        **kwargs,
-    ):
+    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-8,
+                 total_steps=None, initial_radius=1.0, controller=controllers.DEFAULT,
+                 fused=None, weight_decay=None, **kwargs):
         controller = _migration.controller_with_deprecated_arguments(controller, kwargs)
         validation.validate_hyperparameters(
             learning_rate, beta_1, beta_2, epsilon, total_steps, initial_radius,
@@ -165,15 +155,14 @@ class SOAA(keras.optimizers.Optimizer):
             weight_decay=number(weight_decay),
             **{key: number(value) for key, value in kwargs.items()},
         )
-        self.beta_1 = float(beta_1)
-        self.beta_2 = float(beta_2)
+        self.beta_1, self.beta_2 = float(beta_1), float(beta_2)
         self.epsilon = float(epsilon)
         self.total_steps = None if total_steps is None else int(total_steps)
         self.initial_radius = float(initial_radius)
         self.fused = fused
         self.controller = controller
         controller.validate(self.initial_radius)
-        # For the one-time warning of `apply`; not part of the saved state.
+        # For the one-time warning of `apply` (not saved).
         self._loss_observer_attached = self._loss_observed = False
         self._applies_without_loss = 0
         self._compiled = CompiledCache()
@@ -187,13 +176,15 @@ class SOAA(keras.optimizers.Optimizer):
         if self.built:
             return
         super().build(var_list)
+
+        def scalar(name, value=0.0):
+            return self.add_variable(
+                shape=(), dtype="float32", aggregation="only_first_replica",
+                initializer=keras.initializers.Constant(value), name=name)
+
         # First: a file of layout 4 or later says so where layouts 1-3 had
         # a moment (`_migration.store_in_current_layout`).
-        self._state_layout = self.add_variable(
-            shape=(), dtype="float32", aggregation="only_first_replica",
-            initializer=keras.initializers.Constant(float(STATE_LAYOUT_VERSION)),
-            name="state_layout",
-        )
+        self._state_layout = scalar("state_layout", float(STATE_LAYOUT_VERSION))
         self._momentums, self._velocities = [], []
         for variable in var_list:
             # As `add_variable_from_reference`, with `moment_dtype`'s dtype
@@ -207,22 +198,14 @@ class SOAA(keras.optimizers.Optimizer):
                         name=f"{path.replace('/', '_')}_{name}",
                         layout=internals.variable_layout(variable),
                 ))
-        controller = self.controller
-        names = ("radius", *(s.name for s in controller.sums), *controller.state)
+        sums, state = self.controller.sums, self.controller.state
         # The controller's variables, as `_controller_update` takes them.
-        self._controller_variables = [
-            self.add_variable(
-                shape=(), dtype="float32", aggregation="only_first_replica",
-                initializer=keras.initializers.Constant(
-                    self.initial_radius if name == "radius" else 0.0),
-                name=name,
-            )
-            for name in names
-        ]
-        self._sums = self._controller_variables[1:1 + len(controller.sums)]
+        self._controller_variables = [scalar("radius", self.initial_radius), *map(
+            scalar, (*(s.name for s in sums), *state))]
+        self._sums = self._controller_variables[1:1 + len(sums)]
 
     def apply(self, grads, trainable_variables=None):
-        """Applies one step (see `keras.optimizers.Optimizer.apply`).
+        """Applies one step (`keras.optimizers.Optimizer.apply`).
 
         Warns once if the controller needs losses and none are fed: in
         `fit` without `TrustRegionCallback`; elsewhere at once if it needs
@@ -262,8 +245,7 @@ class SOAA(keras.optimizers.Optimizer):
             variable.assign(value)
 
     def _loss_update(self) -> _LossUpdate:
-        return _LossUpdate(self.controller, self.total_steps, self.beta_1,
-                           self.epsilon)
+        return _LossUpdate(self.controller, self.total_steps, self.beta_1, self.epsilon)
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         backends.update_variables(self, grads, trainable_variables, learning_rate)
@@ -272,8 +254,7 @@ class SOAA(keras.optimizers.Optimizer):
         # In `update_step` instead, where a skipped step skips it too.
         return
 
-    def _weight_decay_of(self, variable):
-        # `weight_decay` for `variable`, or `None` if it is not decayed.
+    def _weight_decay_of(self, variable):  # `None` where it is not decayed
         decayed = self.weight_decay is not None and internals.uses_weight_decay(
             self, variable)
         return self.weight_decay if decayed else None
@@ -284,18 +265,14 @@ class SOAA(keras.optimizers.Optimizer):
 
     def update_step(self, gradient, variable, learning_rate):
         """Update step given gradient and the associated model variable."""
-        if 0 in tuple(variable.shape):
-            # No element: nothing to update, nothing predicted (and Keras'
-            # TensorFlow `ops.add` fails on some empty shapes, e.g. (0, 2)).
-            return
+        if 0 in tuple(variable.shape):  # nothing to update (and Keras' TF
+            return  # `ops.add` fails on some empty shapes, e.g. (0, 2))
         m_variable, v_variable = self._moments_of(variable)
         dtype = m_variable.dtype  # the compute dtype (`moment_dtype`)
         scalars = maths.step_scalars(learning_rate, self.iterations, self.radius,
                                      self.beta_1, self.beta_2, dtype)
         gradient = ops.cast(gradient, dtype)
-        m = ops.convert_to_tensor(m_variable)
-        v = ops.convert_to_tensor(v_variable)
-        old_theta = ops.convert_to_tensor(variable)
+        m, v, old_theta = map(ops.convert_to_tensor, (m_variable, v_variable, variable))
 
         new_m, new_v = maths.moments(m, v, gradient, self.beta_1, self.beta_2)
         skip_known_early = self.beta_1 <= self.beta_2
@@ -304,27 +281,24 @@ class SOAA(keras.optimizers.Optimizer):
             # "Non-finite steps"): the new moments then go straight to their
             # variables, with no array held back until the sums are done.
             is_finite = maths.moments_are_finite(new_v, scalars)
-            new_m = ops.where(is_finite, new_m, m)
-            new_v = ops.where(is_finite, new_v, v)
+            new_m, new_v = (ops.where(is_finite, new_m, m),
+                            ops.where(is_finite, new_v, v))
         sums = maths.curvature_sums(new_m, new_v)
         size = ops.cast(ops.size(new_v), dtype)
         c, sum_v_hat_eps = maths.curvature_scale(sums, size, scalars, self.epsilon)
         direction = maths.step_direction(new_m, new_v, c, scalars, self.epsilon)
-        new_theta = maths.new_weight(
-            ops.cast(old_theta, dtype), direction, scalars,
-            self._weight_decay_of(variable), variable.dtype,
-        )
+        new_theta = maths.new_weight(ops.cast(old_theta, dtype), direction, scalars,
+                                     self._weight_decay_of(variable), variable.dtype)
         if not skip_known_early:
             is_finite = maths.is_finite_step(c, sum_v_hat_eps, scalars)
-            new_m = ops.where(is_finite, new_m, m)
-            new_v = ops.where(is_finite, new_v, v)
+            new_m, new_v = (ops.where(is_finite, new_m, m),
+                            ops.where(is_finite, new_v, v))
         # Only the sums the controller reads; before `m` and `v` are
         # assigned: on torch that writes in place.
         totals = maths.step_sums(
             self.controller.sums, gradient, m, v, scalars, self.epsilon,
             lambda: maths.predicted_reduction(*maths.predicted_reduction_sums(
-                new_m, new_v, direction), scalars),
-        )
+                new_m, new_v, direction), scalars))
         for total, value in zip(self._sums, totals):
             self.assign_add(total, maths.finite_or_zero(
                 ops.cast(value, "float32"), is_finite))
@@ -337,10 +311,8 @@ class SOAA(keras.optimizers.Optimizer):
         # losses updates from the step's sums (`backends.update_variables`).
         if self.controller.needs_loss:
             return
-        context = controllers.Context(
-            ops.cast(self.iterations, "float32") + 1.0,  # incremented after
-            self.total_steps, self.beta_1, self.epsilon,
-        )
+        context = controllers.Context(  # `iterations` is incremented after
+            ops.cast(self.iterations, "float32") + 1.0, *self._loss_update()[1:])
         self._assign_controller_values(_controller_update(
             self.controller, context, self._controller_values()))
 
@@ -357,9 +329,9 @@ class SOAA(keras.optimizers.Optimizer):
                 of a float or integer dtype.
 
         Raises:
-            ValueError: if the optimizer is not built yet, if its controller
-                needs `total_steps` and it is `None`, or if `loss` is not one
-                real number. The state is left untouched then.
+            ValueError: if the optimizer is not built, if its controller needs
+                `total_steps` and it is `None`, or if `loss` is not one real
+                number (the state is left untouched).
         """
         validation.require_ready_to_observe(self)
         loss = validation.loss_as_float32_scalar(loss)
@@ -380,8 +352,7 @@ class SOAA(keras.optimizers.Optimizer):
         """Stateless `observe_loss`, for JAX training loops under `jax.jit`.
 
         Args:
-            optimizer_variables: the values of `self.variables`, as
-                `stateless_apply` returns them.
+            optimizer_variables: the values of `self.variables`.
             loss: the observed loss.
 
         Returns:
@@ -393,10 +364,9 @@ class SOAA(keras.optimizers.Optimizer):
         return [scope.get_current_value(v) for v in self.variables]
 
     def load_own_variables(self, store):
-        """Restores the variables, from any state layout; refuses another size.
+        """Restores the variables of any state layout; refuses another size.
 
-        Keras would only warn and keep the fresh state: a resumed run would
-        silently restart the trust region.
+        (Keras would only warn: a resumed run would restart the trust region.)
         """
         if self.built:
             store = _migration.store_in_current_layout(self, store)
@@ -410,10 +380,7 @@ class SOAA(keras.optimizers.Optimizer):
 
     def get_config(self):
         """Returns the config: every constructor argument."""
-        own = ("beta_1", "beta_2", "epsilon", "total_steps", "initial_radius",
-               "fused")
-        return {
-            **super().get_config(), **{name: getattr(self, name) for name in own},
-            "controller": controllers.serialize(self.controller),
-            "state_layout_version": STATE_LAYOUT_VERSION,
-        }
+        own = ("beta_1", "beta_2", "epsilon", "total_steps", "initial_radius", "fused")
+        return {**super().get_config(), **{name: getattr(self, name) for name in own},
+                "controller": controllers.serialize(self.controller),
+                "state_layout_version": STATE_LAYOUT_VERSION}
