@@ -2,20 +2,15 @@
 
     python benchmarks/memory_passes.py [--shape 1024,1024] [--print-hlo soaa]
 
-An optimizer step on a large variable is bound by memory traffic, so its
-cost is about the number of times it reads or writes an array the size of
-the variable. This counts them for one `apply` on one variable:
-
-- TensorFlow (XLA) and JAX: in XLA's optimized HLO, every read and every
-  write of a full-size array by an instruction of the entry computation (a
-  fusion, a copy, a reduction...). Ideal Adam: 4 reads (g, m, v, theta) and
-  3 writes, which is what XLA makes of Keras' Adam on both (on JAX with the
-  state returned in the order it is donated, as `fit` does).
-- torch (eager): every top-level kernel that touches full-size arrays (a
-  `torch._foreach_*` call, a reduction...), reads and writes together.
-
-`tests/test_memory_passes.py` pins SOAA's counts, so that a change that adds
-a pass fails a test; the README "Performance" section reports them.
+A step on a large variable is bound by memory traffic: its cost is about
+the number of reads and writes of variable-sized arrays. Counted for one
+`apply` on one variable: on TensorFlow (XLA) and JAX, every full-size read
+and write by an instruction of XLA's optimized HLO entry computation (ideal
+Adam, which XLA makes of Keras' Adam: 4 reads g, m, v, theta and 3 writes;
+on JAX with the state returned in the order it is donated, as in `fit`);
+on torch (eager), every top-level kernel touching full-size arrays.
+`tests/test_memory_passes.py` pins SOAA's counts; the performance docs
+report them.
 """
 
 import argparse

@@ -3,27 +3,21 @@
     python benchmarks/speed.py [--backends tensorflow,jax,torch] [--quick]
     python benchmarks/speed.py --models small   # the callback's per-batch cost
 
-Prints (and writes as markdown, default `benchmarks/results/speed.md`) one
-table: backend x mode x model with ms/step of Adam and of SOAA +
+Prints, and writes as markdown (default `benchmarks/results/speed.md`), a
+table of backend x mode x model: ms/step of Adam and of SOAA +
 `TrustRegionCallback` in `fit`, their ratio, the optimizer state bytes and
-the peak resident memory of each fit; and one table of `optimizer.apply`
-alone on a large set of variables (compiled where the backend compiles).
+each fit's peak resident memory; and a table of `optimizer.apply` alone on a
+large set of variables (compiled where the backend compiles). Each backend
+runs in its own process, each peak-memory figure in one of its own. Adam and
+SOAA are timed alternately, epoch by epoch, keeping the median of the
+repeats, so both see the same load; timing processes keep big allocations
+on glibc's heap (`HEAP_MALLOC`; `--system-malloc`: the defaults).
 
-Each backend runs in its own process (one backend per process in Keras);
-each peak-memory figure comes from a process of its own. Timing processes
-keep big allocations on glibc's heap (`HEAP_MALLOC`; `--system-malloc` for
-the defaults). Adam and SOAA are
-timed alternately, epoch by epoch, and the median of the repeats is kept, so
-both see the same machine load.
-
-`--models small` times models small enough that the per-batch work around
-the step (the callback's hand-over, Keras' own loop) dominates: an MLP
-64-128-128-10 and a logistic regression (64 inputs, 10 classes), batch 64,
-`--small-steps` steps per timed epoch, compiled on TensorFlow and JAX (eager
-on torch); it skips the memory and `apply` tables, which measure the large
-MLP. It also times them in a custom loop (mode `custom loop`: gradients and
-`apply`, plus SOAA's `observe_loss`, in one `tf.function` / `jax.jit` step,
-eager on torch), the way a training loop without `fit` feeds SOAA.
+`--models small` times an MLP 64-128-128-10 and a logistic regression (batch
+64, `--small-steps` steps per timed epoch), where the per-batch work around
+the step dominates, in compiled `fit` (eager on torch) and in a custom loop
+(`custom loop`: gradients, `apply` and SOAA's `observe_loss` in one
+`tf.function` / `jax.jit` step, eager on torch); no memory or `apply` table.
 """
 
 import argparse
@@ -38,11 +32,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 # The models of `--models small`: batch 64, timed over `--small-steps`.
 SMALL_MODELS = ("mlp_small", "logreg")
-MODES = {
-    "tensorflow": ["compiled", "eager"],
-    "jax": ["compiled"],
-    "torch": ["eager"],
-}
+MODES = {"tensorflow": ["compiled", "eager"], "jax": ["compiled"],
+         "torch": ["eager"]}
 
 
 def parse_args(argv=None):
@@ -66,11 +57,8 @@ def parse_args(argv=None):
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    models = args.models.split(",")
-    if "small" in models:
-        at = models.index("small")
-        models[at:at + 1] = SMALL_MODELS
-    args.models = ",".join(models)
+    args.models = ",".join(",".join(SMALL_MODELS) if m == "small" else m
+                           for m in args.models.split(","))
     if args.output is None:
         name = "speed_small.md" if only_small(args) else "speed.md"
         args.output = str(HERE / "results" / name)
@@ -89,23 +77,13 @@ def make_model(name, quick):
     import keras
 
     keras.utils.set_random_seed(0)
-    if name == "mlp":
-        width = 64 if quick else 1024
+    if name in ("mlp", "mlp_small"):  # two hidden ReLU layers
+        inputs, width = ((64, 128) if name == "mlp_small"
+                         else (784, 64 if quick else 1024))
         model = keras.Sequential([
-            keras.Input((784,)),
-            keras.layers.Dense(width, activation="relu"),
-            keras.layers.Dense(width, activation="relu"),
-            keras.layers.Dense(10),
-        ])
-        return model, "sparse_categorical_crossentropy", (784,), 10
-    if name == "mlp_small":
-        model = keras.Sequential([
-            keras.Input((64,)),
-            keras.layers.Dense(128, activation="relu"),
-            keras.layers.Dense(128, activation="relu"),
-            keras.layers.Dense(10),
-        ])
-        return model, "sparse_categorical_crossentropy", (64,), 10
+            keras.Input((inputs,)), keras.layers.Dense(width, activation="relu"),
+            keras.layers.Dense(width, activation="relu"), keras.layers.Dense(10)])
+        return model, "sparse_categorical_crossentropy", (inputs,), 10
     if name == "logreg":
         model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(10)])
         return model, "sparse_categorical_crossentropy", (64,), 10
@@ -115,15 +93,12 @@ def make_model(name, quick):
         x = keras.layers.Embedding(vocab, dim)(inputs)
         for _ in range(2):
             attention = keras.layers.MultiHeadAttention(4, dim // 4)(
-                x, x, use_causal_mask=True
-            )
+                x, x, use_causal_mask=True)
             x = keras.layers.LayerNormalization()(x + attention)
             hidden = keras.layers.Dense(4 * dim, activation="gelu")(x)
             x = keras.layers.LayerNormalization()(
-                x + keras.layers.Dense(dim)(hidden)
-            )
-        outputs = keras.layers.Dense(vocab)(x)
-        model = keras.Model(inputs, outputs)
+                x + keras.layers.Dense(dim)(hidden))
+        model = keras.Model(inputs, keras.layers.Dense(vocab)(x))
         return model, "sparse_categorical_crossentropy", (length,), vocab
     raise ValueError(name)
 
@@ -152,21 +127,21 @@ def make_optimizer(name):
     return keras_soaa.SOAA(1e-3), [keras_soaa.TrustRegionCallback()]
 
 
-class EpochTimer:
-    """Wall-clock time of each epoch, without a batch-level hook."""
+def epoch_timer():
+    """A callback recording each epoch's wall-clock time in `.seconds`
+    (no batch-level hook)."""
+    import keras
 
-    def __init__(self):
-        import keras
+    class Timer(keras.callbacks.Callback):
+        seconds = []
 
-        class Timer(keras.callbacks.Callback):
-            def on_epoch_begin(inner, epoch, logs=None):
-                inner.start = time.perf_counter()
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
 
-            def on_epoch_end(inner, epoch, logs=None):
-                self.seconds.append(time.perf_counter() - inner.start)
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds.append(time.perf_counter() - self.start)
 
-        self.seconds = []
-        self.callback = Timer()
+    return Timer()
 
 
 def state_bytes(optimizer):
@@ -195,8 +170,8 @@ def time_fit(model_name, mode, args):
                       jit_compile=(mode == "compiled"))
         x, y = make_data(input_shape, classes, batch, steps,
                          model_name == "transformer")
-        timer = EpochTimer()
-        runs[opt_name] = (model, x, y, callbacks + [timer.callback], timer)
+        timer = epoch_timer()
+        runs[opt_name] = (model, x, y, callbacks + [timer], timer)
         model.fit(x, y, batch_size=batch, epochs=1, verbose=0,
                   callbacks=callbacks)  # warm-up: tracing and compilation
     for _ in range(args.repeats):
@@ -330,9 +305,7 @@ def time_apply(args):
     rng = np.random.default_rng(0)
     grads_np = [rng.normal(size=(size,)).astype("float32")
                 for _ in range(count)]
-    result = {}
-    order = ("adam", "soaa")
-    steps = {}
+    result, order, steps = {}, ("adam", "soaa"), {}
     for name in order:
         variables = [keras.Variable(np.zeros(size, "float32"))
                      for _ in range(count)]
@@ -345,10 +318,8 @@ def time_apply(args):
         elif backend == "jax":
             import jax
 
-            state = {
-                "opt": [v.value for v in optimizer.variables],
-                "vars": [v.value for v in variables],
-            }
+            state = {"opt": [v.value for v in optimizer.variables],
+                     "vars": [v.value for v in variables]}
             def apply(opt_values, grads, values, optimizer=optimizer):
                 # The state back in the order it went in, as in `fit`: see
                 # memory_passes.jax_apply_hlo (else XLA copies m, v, theta).
@@ -432,10 +403,8 @@ def memory_worker(args):
     x, y = make_data(input_shape, classes, batch, args.steps, False)
     model.fit(x, y, batch_size=batch, epochs=2, verbose=0,
               callbacks=callbacks)
-    print(json.dumps(
-        {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-         / 1024}
-    ))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_rss_mb": peak}))
 
 
 # --- the driver --------------------------------------------------------------
@@ -454,51 +423,37 @@ HEAP_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4000000000",
 def run_child(backend, extra, env_extra=None):
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3",
                **(env_extra or {}))
-    result = subprocess.run(
-        [sys.executable, __file__, *extra], env=env, text=True,
-        stdout=subprocess.PIPE, stderr=None, check=True,
-    )
+    result = subprocess.run([sys.executable, __file__, *extra], env=env,
+                            text=True, stdout=subprocess.PIPE, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def format_report(results):
-    lines = [
-        "| backend | mode | model | Adam ms/step | SOAA ms/step | ratio "
-        "| state bytes Adam / SOAA | peak RSS MB Adam / SOAA |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    lines = ["| backend | mode | model | Adam ms/step | SOAA ms/step | ratio "
+             "| state bytes Adam / SOAA | peak RSS MB Adam / SOAA |",
+             "|---|---|---|---|---|---|---|---|"]
     for result in results:
         memory = result.get("memory")
         for row in result["fit"]:
-            peak = (
-                f"{memory['adam']:.0f} / {memory['soaa']:.0f} "
-                f"({memory['soaa'] / memory['adam'] - 1:+.1%})"
-                if row["model"] == "mlp" and memory else ""
-            )
+            peak = (f"{memory['adam']:.0f} / {memory['soaa']:.0f} "
+                    f"({memory['soaa'] / memory['adam'] - 1:+.1%})"
+                    if row["model"] == "mlp" and memory else "")
             lines.append(
                 f"| {result['backend']} | {row['mode']} | {row['model']} "
                 f"| {row['adam']:.2f} | {row['soaa']:.2f} "
                 f"| {row['soaa'] / row['adam']:.3f} "
                 f"| {row['adam_state_bytes']:,} / {row['soaa_state_bytes']:,} "
-                f"| {peak} |"
-            )
+                f"| {peak} |")
     if all(result["apply"] is None for result in results):
         return "\n".join(lines) + "\n"
-    lines += [
-        "",
-        "`optimizer.apply` alone (compiled on TF and JAX, eager on torch):",
-        "",
-        "| backend | parameters | Adam ms | SOAA ms | ratio |",
-        "|---|---|---|---|---|",
-    ]
+    lines += ["", "`optimizer.apply` alone (compiled on TF and JAX, eager on "
+              "torch):", "", "| backend | parameters | Adam ms | SOAA ms | "
+              "ratio |", "|---|---|---|---|---|"]
     for result in results:
-        a = result["apply"]
-        if a is None:
-            continue
-        lines.append(
-            f"| {result['backend']} | {a['params']:,} | {a['adam']:.1f} "
-            f"| {a['soaa']:.1f} | {a['soaa'] / a['adam']:.3f} |"
-        )
+        if (a := result["apply"]) is not None:
+            lines.append(f"| {result['backend']} | {a['params']:,} | "
+                         f"{a['adam']:.1f} | {a['soaa']:.1f} | "
+                         f"{a['soaa'] / a['adam']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -508,11 +463,11 @@ def main(argv=None):
         return worker(args)
     if args.memory_of:
         return memory_worker(args)
-    passthrough = [
-        f"--models={args.models}", f"--steps={args.steps}",
-        f"--small-steps={args.small_steps}",
-        f"--repeats={args.repeats}", f"--apply-params={args.apply_params}",
-    ] + (["--quick"] if args.quick else [])
+    passthrough = [f"--models={args.models}", f"--steps={args.steps}",
+                   f"--small-steps={args.small_steps}",
+                   f"--repeats={args.repeats}",
+                   f"--apply-params={args.apply_params}",
+                   *(["--quick"] if args.quick else [])]
     results = []
     for backend in args.backends.split(","):
         print(f"[{backend}] timing fit and apply ...", flush=True)
@@ -521,24 +476,20 @@ def main(argv=None):
         if only_small(args):
             results.append(result)
             continue
-        result["memory"] = {
-            name: run_child(backend, ["--memory-of", name, *passthrough])[
-                "peak_rss_mb"]
-            for name in ("adam", "soaa")
-        }
+        result["memory"] = {name: run_child(
+            backend, ["--memory-of", name, *passthrough])["peak_rss_mb"]
+            for name in ("adam", "soaa")}
         results.append(result)
     report = format_report(results)
     print(report)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(
-        "# SOAA vs Keras Adam: speed and memory\n\n"
-        f"Command: `python benchmarks/speed.py {' '.join(argv or sys.argv[1:])}`"
-        + ("" if args.system_malloc else
-           " (timed with " + " ".join(f"{k}={v}" for k, v in HEAP_MALLOC.items())
-           + ", see `HEAP_MALLOC`)")
-        + f"\n\n{report}"
-    )
+        "# SOAA vs Keras Adam: speed and memory\n\nCommand: `python "
+        f"benchmarks/speed.py {' '.join(argv or sys.argv[1:])}`"
+        + ("" if args.system_malloc else " (timed with " + " ".join(
+            f"{k}={v}" for k, v in HEAP_MALLOC.items()) + ", see `HEAP_MALLOC`)")
+        + f"\n\n{report}")
     print(f"written to {output}")
 
 

@@ -1,17 +1,17 @@
+# ruff: noqa: D102, D103, D205, D209
 """Does SOAA's trust-region radius carry signal? The three controllers compared.
 
-    python benchmarks/controller_signal.py [--results DIR/results.json]
+    python research/controller_signal.py [--results DIR/results.json]
         [--problems digits,quadratic,breast_cancer] [--seeds 3] [--every 10]
         [--lr digits:soaa=0.056 --lr digits:soaa_hd=0.03 ...]
         [--hd-radius-lr 0.05] [--hd-bounds 0.1,10]
-        [--out benchmarks/results/controller_signal.md]
+        [--out research/results/controller_signal.md]
 
 For each problem and controller (`soaa`: the paper's loss-ratio controller;
 `soaa_hd`: `controller="hypergradient"`; `soaa_gr`:
 `controller="gradient_ratio"`), at the controller's tuned learning
-rate (read from a `compare.py` `results.json`, by default the newest full or
-default run's under `runs/benchmark`, or given with `--lr`), over
-the seeds:
+rate (read from a `benchmarks/compare.py` `results.json` given with
+`--results`, or given with `--lr`; else the grid's middle), over the seeds:
 
 (a) **interior fraction**: the share of steps after which the radius d is
     strictly inside its bounds (paper: (1 − γ)^e and 1 + γ^e; hypergradient:
@@ -19,7 +19,7 @@ the seeds:
 (b) **placebo**: the same seed trained again with the radius trajectory of
     the first run replayed, assigned to `optimizer.radius` before every
     batch, with the controller's own adaptation off (hypergradient:
-    `radius_learning_rate=0`; paper: no `TrustRegionCallback`, so no loss is
+    its `learning_rate=0`; paper: no `TrustRegionCallback`, so no loss is
     observed, `total_steps` set). Four replays: in time order (a control: it
     must reproduce the first run), shuffled in time over the whole run (the
     placebo), shuffled only within consecutive windows of `--window` steps
@@ -53,8 +53,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "benchmarks"))
 if __name__ == "__main__":
     # The backend must be chosen before Keras is imported (below).
     import compare
@@ -79,9 +78,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default=None,
-        help="a compare.py results.json to read the tuned rates (and the "
-        "hypergradient controller's arguments) from (default: the newest "
-        "full, else default, run's under runs/benchmark)")
+        help="a compare.py results.json to read the tuned rates from")
     parser.add_argument("--problems", default=",".join(DEFAULT_PROBLEMS))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=None,
@@ -132,6 +129,22 @@ def shuffled_within(values, window, rng):
     return out
 
 
+def interior_share(radii, controller, hd, paper_bounds):
+    """The share of steps with the radius strictly inside its bounds (on a
+    bound: within a relative 1e-5)."""
+    radii = np.asarray(radii, "float64")
+    steps = len(radii)
+    if controller == "soaa":
+        lower, upper = paper_bounds(steps)
+    else:
+        low, high = ((hd["min_radius"], hd["max_radius"])
+                     if controller == "soaa_hd" else (0.1, 10.0))
+        lower, upper = np.full(steps, low), np.full(steps, high)
+    on_bound = ((np.abs(radii - lower) <= 1e-5 * lower)
+                | (np.abs(radii - upper) <= 1e-5 * upper))
+    return float(1.0 - on_bound.mean())
+
+
 def used_radii(logged, initial=1.0):
     """The radius each step used: the initial one, then each step's logged one.
 
@@ -143,26 +156,21 @@ def used_radii(logged, initial=1.0):
 
 def main(argv=None):
     args = parse_args(argv)
-    import compare
+    import optimizers
     import problems
     import report
     import runner
 
-    if args.results is None:
-        latest = compare.latest_run()
-        args.results = (os.path.join(latest, "results.json") if latest
-                        else os.path.join(compare.RUNS, "results.json"))
     saved = None
-    if os.path.exists(args.results):
+    if args.results is not None:
         with open(args.results) as file:
             saved = json.load(file)
-    hd = dict((saved or {}).get("config", {}).get("hypergradient") or {})
+    hd = {"radius_learning_rate": 0.05, "min_radius": 0.1, "max_radius": 10.0}
     if args.hd_radius_lr is not None:
         hd["radius_learning_rate"] = args.hd_radius_lr
     if args.hd_bounds is not None:
         low, high = (float(b) for b in args.hd_bounds.split(","))
         hd.update(min_radius=low, max_radius=high)
-    hd = runner.hypergradient_arguments(hd)
 
     overrides = {}
     for text in args.lr:
@@ -180,16 +188,20 @@ def main(argv=None):
         return lrs[len(lrs) // 2], "grid middle (no tuned rate given)"
 
     def make(controller, learning_rate, adaptive, total_steps):
+        from keras_soaa.controllers import (
+            GradientRatioController,
+            HypergradientController,
+        )
+
         if controller == "soaa_hd":
-            arguments = dict(hd)
-            if not adaptive:
-                arguments["radius_learning_rate"] = 0.0
-            return keras_soaa.SOAA(learning_rate=learning_rate,
-                                   controller="hypergradient", **arguments)
-        if controller == "soaa_gr":  # SOAA's defaults
-            return keras_soaa.SOAA(
-                learning_rate=learning_rate, controller="gradient_ratio",
-                **({} if adaptive else {"radius_learning_rate": 0.0}))
+            rule = HypergradientController(
+                learning_rate=hd["radius_learning_rate"] if adaptive else 0.0,
+                min_radius=hd["min_radius"], max_radius=hd["max_radius"])
+            return keras_soaa.SOAA(learning_rate=learning_rate, controller=rule)
+        if controller == "soaa_gr":  # its defaults
+            rule = GradientRatioController(**({} if adaptive
+                                              else {"learning_rate": 0.0}))
+            return keras_soaa.SOAA(learning_rate=learning_rate, controller=rule)
         # Paper: without `TrustRegionCallback` no loss is observed and the
         # radius stays wherever it is put; `total_steps` set, as a custom
         # loop would (no warning).
@@ -203,9 +215,9 @@ def main(argv=None):
                "problems": {}}
     start = time.perf_counter()
     for name in args.problems.split(","):
-        problem = problems.make_problem(name.strip(), args.steps)
+        problem = problems.get(name.strip(), args.steps)
         chunk = runner.steps_per_epoch(problem)
-        probe_x, probe_y = problem.stream(10_000, max(
+        probe_x, probe_y = problem.batches(10_000, max(
             1, PROBE_ROWS // problem.batch_size))
         results["problems"][problem.name] = entry = {}
         for controller in CONTROLLERS:
@@ -216,7 +228,7 @@ def main(argv=None):
                          models=models, problem=problem):
                 if adaptive not in models:
                     runner.seed_everything(0)
-                    model = problem.build_model(0)
+                    model = problem.model(0)
                     model.compile(optimizer=make(controller, lr, adaptive,
                                                  problem.steps),
                                   loss=problem.loss())
@@ -225,7 +237,7 @@ def main(argv=None):
 
             rows = {"lr": lr, "lr_source": source, "seeds": []}
             for seed in range(args.seeds):
-                x, y = problem.stream(seed, problem.steps)
+                x, y = problem.batches(seed, problem.steps)
                 model = compiled(True)
                 oracle = OracleProbe(args.every, x, y, problem.batch_size,
                                      probe_x, probe_y, problem.loss())
@@ -233,11 +245,8 @@ def main(argv=None):
                                  make(controller, lr, True, problem.steps),
                                  with_callback=True, extra=[oracle])
                 radii = used_radii(original["radius"])
-                bounds = ([hd["min_radius"], hd["max_radius"]]
-                          if controller == "soaa_hd"
-                          else [0.1, 10.0] if controller == "soaa_gr" else None)
-                interior = report.interior_fraction(
-                    original["radius"], problem.steps, bounds)
+                interior = interior_share(original["radius"], controller, hd,
+                                          optimizers.paper_bounds)
                 rng = np.random.default_rng(1000 + seed)
                 window = args.window or max(2, problem.steps // 10)
                 replays = {
@@ -288,7 +297,7 @@ def train(model, problem, seed, x, y, chunk, fresh_optimizer, with_callback,
     import runner
 
     runner.seed_everything(seed)
-    fresh = problem.build_model(seed)
+    fresh = problem.model(seed)
     model.set_weights(fresh.get_weights())
     fresh_optimizer.build(model.trainable_variables)
     target = model.optimizer
@@ -307,7 +316,7 @@ def train(model, problem, seed, x, y, chunk, fresh_optimizer, with_callback,
               epochs=problem.steps // chunk, steps_per_epoch=chunk,
               shuffle=False, verbose=0, callbacks=callbacks)
     losses = np.asarray(callbacks[-1].losses, "float64")
-    final = float(np.mean(losses[-runner.final_window(problem.steps):]))
+    final = float(np.mean(losses[-max(1, problem.steps // 10):]))
     return {"loss": callbacks[-1].losses, "radius": callbacks[-2].radii,
             "final": final}
 
@@ -422,7 +431,7 @@ def markdown(results):
     lines = [
         "# Does the radius carry signal?",
         "",
-        "`python benchmarks/controller_signal.py` "
+        "`python research/controller_signal.py` "
         f"({config['backend']}, {config['seeds']} seeds, "
         f"{config.get('minutes', 0):.1f} minutes). Controllers: **paper** "
         "(SOAA's default, the loss-ratio ρ), **hypergradient** "
