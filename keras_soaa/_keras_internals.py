@@ -1,19 +1,13 @@
 """Every use of Keras internals in keras-soaa, each with why it is needed.
 
-Each was checked against Keras 3.15.1 (`pyproject.toml` pins
-`keras>=3.15,<4`); the test suite exercises each of them on TensorFlow, JAX
-and torch. Besides the functions here, keras-soaa overrides hooks that
-Keras' own optimizers and callbacks override too:
-
-- `SOAA._backend_update_step`: the backend's update path
-  (`keras_soaa.backends.update_variables`).
-- `SOAA._apply_weight_decay`: a no-op; the decay is applied inside the
-  step, so that a skipped step skips it too.
-- `TrustRegionCallback.async_safe`: lets JAX's `fit` run batch ends off its
-  thread (Keras 3.15 reads this property of its callbacks).
-- `TrustRegionCallback.on_epoch_end` writes the controller state again on
-  JAX: Keras 3.15's JAX `fit` ends an epoch of unknown length by attaching
-  the state it held before the last batch's callbacks.
+Checked against Keras 3.15 (`pyproject.toml` pins `keras>=3.15,<4`); the tests
+exercise each on TensorFlow, JAX and torch. keras-soaa also overrides hooks
+that Keras' own optimizers and callbacks override: `SOAA._backend_update_step`
+(the backend's update path, `keras_soaa.backends.update_variables`),
+`SOAA._apply_weight_decay` (a no-op: the decay is applied inside the step, so a
+skipped step skips it too), `TrustRegionCallback.async_safe` (lets JAX's `fit`
+run batch ends off its thread) and `TrustRegionCallback.on_epoch_end` (writes
+the controller state again after JAX's `fit` undid it, see there).
 """
 
 import os
@@ -21,32 +15,13 @@ import sys
 
 import keras
 from keras import StatelessScope
-from keras.src.backend.common.stateless_scope import in_stateless_scope
+
+# `SOAA.stateless_observe_loss` runs `observe_loss` in a `keras.StatelessScope`,
+# whose assignments a `tf.function` would hide: the controller runs eagerly there.
+from keras.src.backend.common.stateless_scope import (
+    in_stateless_scope as in_stateless_scope,
+)
 from keras.src.utils.tracking import DotNotTrackScope
-
-__all__ = [
-    "HookedTrainFunction",
-    "callback_model",
-    "in_fit",
-    "learning_rate_schedule",
-    "in_stateless_scope",
-    "loss_tracker",
-    "overwritten_with_gradient",
-    "own_train_function",
-    "replace_loss_tracker",
-    "sync_trainer_state",
-    "train_function_around",
-    "trained_variables_of",
-    "update_each_variable",
-    "uses_weight_decay",
-    "variable_index",
-    "variable_layout",
-]
-
-# `in_stateless_scope()`: `SOAA.stateless_observe_loss` runs `observe_loss`
-# in a `keras.StatelessScope`, whose assignments a `tf.function` would hide;
-# the optimizer runs the controller eagerly there.
-
 
 _TRAINERS = os.path.join(os.path.dirname(keras.__file__), "src", "backend")
 
@@ -54,8 +29,7 @@ _TRAINERS = os.path.join(os.path.dirname(keras.__file__), "src", "backend")
 def learning_rate_schedule(optimizer):
     """The optimizer's `LearningRateSchedule`, or `None` for another rate.
 
-    `TrustRegionCallback` warns when `fit` runs past the step where the
-    schedule reaches 0; Keras' public `learning_rate` is the current value.
+    Keras' public `learning_rate` is only the current value.
     """
     rate = optimizer._learning_rate
     schedules = keras.optimizers.schedules.LearningRateSchedule
@@ -65,11 +39,9 @@ def learning_rate_schedule(optimizer):
 def in_fit() -> bool:
     """Whether a Keras `Model.fit` is on the call stack.
 
-    SOAA warns at the first `apply` of a `fit` that feeds its loss-driven
-    controller no loss (no `TrustRegionCallback`); a custom loop calls
-    `observe_loss` only after its first `apply`. Each backend's `fit` is in
-    `keras/src/backend/<backend>/trainer.py` (also in Keras' development
-    branch); compiled steps are traced from it, so this also holds there.
+    SOAA warns in a `fit` that feeds its controller no loss; a custom loop
+    calls `observe_loss` only after `apply`. Each backend's `fit` (which also
+    traces the compiled steps) is in `keras/src/backend/<backend>/trainer.py`.
     """
     frame = sys._getframe(1)
     while frame is not None:
@@ -81,11 +53,7 @@ def in_fit() -> bool:
 
 
 def loss_tracker(model):
-    """The `keras.metrics.Mean` behind `fit`'s `logs["loss"]`.
-
-    `TrustRegionCallback` needs the loss of each batch, which the logs do
-    not hold (they hold the epoch's running mean).
-    """
+    """The `keras.metrics.Mean` behind `fit`'s `logs["loss"]`."""
     return model._loss_tracker
 
 
@@ -103,10 +71,9 @@ def replace_loss_tracker(model, tracker):
 def callback_model(callback):
     """`callback`'s model, as `callback.model` gives it but without a sync.
 
-    On JAX, Keras' `Callback.model` property calls `jax_state_sync()` at
-    every access: it assigns every model, optimizer and metric variable,
-    after which `fit` gathers (and purges) them all again before the next
-    step. Per batch that is the main cost of a callback on a small model.
+    On JAX, `Callback.model` calls `jax_state_sync()` at every access, after
+    which `fit` regathers every variable: per batch, the main cost of a
+    callback on a small model.
     """
     return callback._model
 
@@ -114,18 +81,15 @@ def callback_model(callback):
 def train_function_around(model, before, after):
     """Keras' train function for `model`, with a hook around each train step.
 
-    TensorFlow and JAX only. `make_train_function` compiles the
-    `model.train_step` it finds when it builds the function (`tf.function`
-    / `jax.jit`), so a `train_step` set on the instance for that moment is
-    compiled into the same program: no call and no transfer of its own per
-    batch. The model keeps its own train step and train function.
+    TensorFlow and JAX only. `make_train_function` compiles the `train_step`
+    it finds, so one set on the instance for that moment joins the program (no
+    call or transfer of its own per batch); the model keeps its own.
 
-    In the step, `kept = before()` runs before the train step and
-    `after(kept)` right after it; both may read and assign the model's,
-    optimizer's and metrics' variables. `after` returns a dict of tensors,
-    which the step returns with its logs. On JAX the train step is pure:
-    the hooks run in a `keras.StatelessScope` over its state lists (as
-    `Optimizer.stateless_apply` does), and what `after` assigns goes into
+    `kept = before()` runs before the train step and `after(kept)` right after
+    it; both may read and assign the model's, optimizer's and metrics'
+    variables. `after` returns a dict of tensors, added to the step's logs. On
+    JAX the hooks run in a `keras.StatelessScope` over the pure step's state
+    (as `Optimizer.stateless_apply` does), and what `after` assigns goes into
     the state the next step trains from.
     """
     train_step = model.train_step
@@ -139,11 +103,8 @@ def train_function_around(model, before, after):
                 output = after(kept)
             optimizer_values, metrics_values = (
                 type(values)(scope.get_current_value(v) for v in variables)
-                for values, variables in (
-                    (state[2], model.optimizer.variables),
-                    (state[3], model.metrics_variables),
-                )
-            )
+                for values, variables in ((state[2], model.optimizer.variables),
+                                          (state[3], model.metrics_variables)))
             state = (state[0], state[1], optimizer_values, metrics_values)
             return {**logs, **output}, state
 
@@ -168,27 +129,21 @@ def _jax_state_mapping(model, state):
     # The JAX trainer orders its optimizer and metric values as these lists.
     optimizer_variables = model.optimizer.variables
     metrics_variables = model.metrics_variables
-    if (len(state[2]), len(state[3])) != (
-        len(optimizer_variables), len(metrics_variables)
-    ):
-        raise ValueError(
-            "The JAX training state does not match the model's optimizer "
-            "and metric variables; compile the model again."
-        )
-    return [*zip(optimizer_variables, state[2]),
-            *zip(metrics_variables, state[3])]
+    if (len(state[2]), len(state[3])) != (len(optimizer_variables),
+                                           len(metrics_variables)):
+        raise ValueError("The JAX training state does not match the model's "
+                         "optimizer and metric variables; compile the model again.")
+    return [*zip(optimizer_variables, state[2]), *zip(metrics_variables, state[3])]
 
 
 class HookedTrainFunction:
     """`model.train_function` during one `fit`: the hooked one when asked.
 
-    Keras' `fit` calls `model.train_function` once per batch (TF:
-    `logs = f(iterator)`, JAX: `logs, state = f(state, iterator)`). Set
-    `run_hooked_next` before each call: the call then runs `function` (from
-    `train_function_around`), takes the value at `key` out of its logs into
-    `output`, and resets the flag. Otherwise it runs the model's own train function:
-    a wrapper left behind by a `fit` that raised does nothing in later
-    calls.
+    `fit` calls it once per batch (TF: `logs = f(iterator)`, JAX: `logs, state
+    = f(state, iterator)`). With `run_hooked_next` set, the call runs `function`
+    (from `train_function_around`), moves its logs' `key` into `output`, and
+    resets the flag; else it runs the model's own train function, so a wrapper
+    left by a `fit` that raised does nothing later.
     """
 
     def __init__(self, model, function, key):
@@ -226,32 +181,24 @@ def own_train_function(model):
 def sync_trainer_state(model):
     """Makes variables readable and writable during a JAX `fit`.
 
-    The JAX trainer holds the training state outside the variables during an
-    epoch; its state sync writes it back, and the trainer regathers it
-    afterwards, so a callback's reads and writes are seen. No-op elsewhere.
-    Keras' development branch (3.16) names it `state_sync` and keeps
-    `jax_state_sync` as an alias; 3.15 has only `jax_state_sync`.
+    The JAX trainer holds the state outside the variables during an epoch; its
+    sync writes it back and the trainer regathers it. No-op elsewhere. Keras
+    3.16 names it `state_sync`, 3.15 only `jax_state_sync`.
     """
-    sync = getattr(model, "state_sync", None) or getattr(
-        model, "jax_state_sync", None)
+    sync = getattr(model, "state_sync", None) or getattr(model, "jax_state_sync", None)
     if sync is not None:
         sync()
 
 
 def trained_variables_of(optimizer):
-    """The variables `optimizer` was built for (empty before `build`).
-
-    The JAX trainer maps optimizer state to variables by position: a
-    callback checks them before the first step fails half-way.
-    """
+    """The variables `optimizer` was built for (empty before `build`)."""
     return getattr(optimizer, "_trainable_variables", [])
 
 
 def variable_layout(variable):
     """The `keras.distribution` layout of `variable`, or `None`.
 
-    Optimizer slots are sharded like their variable (as in
-    `Optimizer.add_variable_from_reference`).
+    Optimizer slots are sharded like their variable.
     """
     return getattr(variable, "_layout", None)
 
@@ -262,8 +209,7 @@ def update_each_variable(optimizer, grads, variables, learning_rate):
     On TensorFlow it also merges the replicas' calls under a strategy.
     """
     keras.optimizers.Optimizer._backend_update_step(
-        optimizer, grads, variables, learning_rate
-    )
+        optimizer, grads, variables, learning_rate)
 
 
 def variable_index(optimizer, variable):

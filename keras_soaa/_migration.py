@@ -1,21 +1,18 @@
 """What older keras-soaa versions wrote, read into the current layout.
 
-Keras restores an optimizer's variables by position, so their order is a
-file format, the state layout (docs/saving.md, "State layout"):
+Keras restores an optimizer's variables by position, so their order is a file
+format, the state layout (docs/saving.md, "State layout"):
 
-- layouts 1 to 3 (keras-soaa 0.1 to 0.4): Keras' own variables, the
-  moments, then five scalars every controller shared (`OLD_SHARED`), then
-  the controller's sums and state (layout 1: the paper's controller, which
-  had none);
-- layout 4: Keras' own variables, `state_layout` (4.0), the moments,
-  `radius`, then the controller's sums and state
-  (`SOAA.controller_state()`).
+- layouts 1 to 3 (keras-soaa 0.1 to 0.4): Keras' own variables, the moments,
+  five scalars every controller shared (`OLD_SHARED`), then the controller's
+  sums and state (layout 1: the paper's controller, which had none);
+- layout 4: Keras' own variables, `state_layout` (4.0), the moments, `radius`,
+  then the controller's sums and state (`SOAA.controller_state()`).
 
 Where layout 4 has the scalar `state_layout`, layouts 1-3 have the first
-moment, an array unless the first variable is a scalar; a state is read as
-the layout found there, weights-only files (no config) included.
-
-Also here: SOAA's arguments that moved to the controllers in layout 4.
+moment (an array unless the first variable is a scalar): a state, weights-only
+files included, is read as the layout found there. Also here: SOAA's arguments
+that moved to the controllers in layout 4.
 """
 
 import inspect
@@ -46,8 +43,8 @@ def _with_moved(controller, moved: dict):
 def controller_with_deprecated_arguments(controller, kwargs: dict):
     """Pops SOAA's deprecated controller arguments from `kwargs`, with a warning.
 
-    Returns the controller given those of them it takes (e.g.
-    `SOAA(radius_bound=0.2)` gives `PaperController(radius_bound=0.2)`).
+    Returns the controller given those it takes (`SOAA(radius_bound=0.2)`
+    gives `PaperController(radius_bound=0.2)`).
     """
     moved = {name: kwargs.pop(name) for name in MOVED if name in kwargs}
     if not moved:
@@ -61,9 +58,7 @@ def controller_with_deprecated_arguments(controller, kwargs: dict):
         "and will be removed in the next release: they are the controller's "
         f"arguments now. Use `SOAA(controller=keras_soaa.controllers."
         f"{cls.__name__}({spelled}))` (an argument the controller does not "
-        "take had no effect).",
-        DeprecationWarning, stacklevel=3,
-    )
+        "take had no effect).", DeprecationWarning, stacklevel=3)
     return _with_moved(controller, moved)
 
 
@@ -89,8 +84,7 @@ def config_in_current_layout(config: dict) -> dict:
 
 
 class _Store:
-    # A Keras variable store with its entries reordered: `sources[i]` is
-    # the key of entry `i`, or a value.
+    # A Keras variable store reordered: `sources[i]` is entry `i`'s key, or a value.
     def __init__(self, store, sources):
         self._store, self._sources = store, sources
 

@@ -25,10 +25,10 @@ def find_soaa(optimizer) -> SOAA:
         found = found.inner_optimizer
     if not isinstance(found, SOAA):
         raise ValueError(
-            "`TrustRegionCallback` only works with the `keras_soaa.SOAA` "
-            "optimizer (also when wrapped, e.g. in `LossScaleOptimizer`). The "
-            f"model was compiled with {type(optimizer).__name__}: compile it "
-            "with `optimizer=keras_soaa.SOAA(...)` or drop the callback."
+            "`TrustRegionCallback` only works with the `keras_soaa.SOAA` optimizer "
+            "(also when wrapped, e.g. in `LossScaleOptimizer`). The model was "
+            f"compiled with {type(optimizer).__name__}: compile it with "
+            "`optimizer=keras_soaa.SOAA(...)` or drop the callback."
         )
     return found
 
@@ -36,19 +36,16 @@ def find_soaa(optimizer) -> SOAA:
 class BatchLossMean(keras.metrics.Mean):
     """`fit`'s loss tracker that also keeps the loss it has not handed out.
 
-    A `keras.metrics.Mean` (what `fit` reports as `loss`: the epoch's running
-    mean, weighted by batch size) plus `unread_total` and `unread_count`, the
-    weighted loss sum and weight added since `TrustRegionCallback` last read
-    and cleared them, and `pending_total` and `pending_count`, those it read
-    but could not hand over yet (batches that applied no step). The callback
-    reads the batch loss from these, not from the epoch's running total: in
-    float32 that total loses the low digits of a late, small batch loss.
+    The `keras.metrics.Mean` `fit` reports as `loss`, plus `unread_total` and
+    `unread_count` (weighted loss sum and weight since `TrustRegionCallback`
+    last read them) and `pending_total` and `pending_count` (read but not yet
+    handed over: batches that applied no step). Not the epoch's running total:
+    in float32 it loses the low digits of a late, small batch loss.
     """
 
     def __init__(self, name="loss", dtype=None):
         super().__init__(name=name, dtype=dtype)
-        for name in ("unread_total", "unread_count", "pending_total",
-                     "pending_count"):
+        for name in ("unread_total", "unread_count", "pending_total", "pending_count"):
             setattr(self, name, self.add_variable(
                 shape=(), initializer="zeros", dtype=self.dtype, name=name))
         # The `TrustRegionCallback` hand-over that reads and clears them.
@@ -57,8 +54,7 @@ class BatchLossMean(keras.metrics.Mean):
     def reset_state(self):
         """Resets all but the pending sums.
 
-        Those join the next applied step's loss, also across epochs;
-        `TrustRegionCallback` clears them at the start of `fit`.
+        They join the next applied step's loss across epochs, until `fit` restarts.
         """
         pending = (self.pending_total, self.pending_count)
         for variable in self.variables:
@@ -80,23 +76,19 @@ def hand_over_loss(values, iterations, observed_iterations, pending, unread,
                    *, observe):
     """One batch's hand-over of the tracked loss to the controller (pure).
 
-    Adds the tracker's `unread` `(total, count)` to the `pending` ones. If
-    the optimizer has stepped since the last observation (`iterations !=
-    observed_iterations`) and some loss is pending, observes the pending
-    weighted mean and clears it; otherwise keeps it for the next step.
+    Adds `unread` `(total, count)` to `pending`. If the optimizer has stepped
+    since the last observation and some loss is pending, observes its weighted
+    mean and clears it; else keeps it for the next step.
 
     Returns:
         `(values, observed_iterations, pending, unread, report)`: the new
-        values (the controller's, `(radius, *sums, *state)`), with `unread`
-        cleared, and `report` a float32 vector
-        `[observed (0 or 1), loss, *values]` (read it with
-        `HandOverReport.from_vector`).
+        controller values `(radius, *sums, *state)`, `unread` cleared, and a
+        float32 `report` `[observed (0 or 1), loss, *values]`
+        (`HandOverReport.from_vector`).
     """
-    total = pending[0] + unread[0]
-    count = pending[1] + unread[1]
-    ready = ops.logical_and(
-        ops.not_equal(iterations, observed_iterations), ops.greater(count, 0.0)
-    )
+    total, count = pending[0] + unread[0], pending[1] + unread[1]
+    ready = ops.logical_and(ops.not_equal(iterations, observed_iterations),
+                            ops.greater(count, 0.0))
     loss = ops.divide(total, ops.where(ready, count, 1.0))
     observed = observe(values, loss, iterations)
     values = tuple(ops.where(ready, new, old) for new, old in zip(observed, values))
@@ -130,21 +122,16 @@ class HandOverReport(NamedTuple):
     def from_vector(cls, vector) -> "HandOverReport":
         """Reads the vector that `hand_over_loss` returns."""
         vector = np.asarray(vector)
-        return cls(
-            bool(vector[0]), float(vector[1]),
-            tuple(float(x) for x in vector[2:]),
-        )
+        return cls(bool(vector[0]), float(vector[1]), tuple(map(float, vector[2:])))
 
 
 class _LossHandOver:
     """Runs `hand_over_loss` on the device, once per batch.
 
-    Either inside the compiled train step (`train_function`, `in_step`) or
-    after the batch, in one call (`__call__`): for the latter it owns the
-    step of the last observation (a scalar variable, outside the
-    optimizer's saved state) and compiles the hand-over where the backend
-    compiles, so that a batch costs one call and one small device-to-host
-    transfer: the report.
+    Inside the compiled train step (`train_function`, `in_step`), or after
+    the batch (`__call__`): then it owns the step of the last observation (a
+    variable outside the optimizer's saved state) and compiles the hand-over,
+    so a batch costs one call and one small transfer, the report.
     """
 
     def __init__(self, optimizer: SOAA, tracker: BatchLossMean, strategy=None):
@@ -168,42 +155,32 @@ class _LossHandOver:
     def __call__(self) -> HandOverReport:
         """Hands the unread loss over; returns the batch's report."""
         observer = self.optimizer._loss_update()
-        run = self._compiled.get(
-            observer,
-            lambda: compile_state_update(
-                self._inputs,
-                lambda *inputs: hand_over_loss(*inputs, observe=observer),
-                self._assign,
-            ),
-        )
+        run = self._compiled.get(observer, lambda: compile_state_update(
+            self._inputs, lambda *inputs: hand_over_loss(*inputs, observe=observer),
+            self._assign))
         return HandOverReport.from_vector(ops.convert_to_numpy(run()))
 
     def in_step(self, iterations_before, observer):
         """`__call__` inside the train step, right after it (uncompiled).
 
-        For `internals.train_function_around` (see `_hands_over_in_step`):
-        the step has stepped the optimizer if its step count is no longer
-        `iterations_before`, read before the train step. Returns what the
-        step adds to its logs: the report vector and the new radius.
+        For `internals.train_function_around`: the optimizer has stepped if
+        its count is no longer `iterations_before`. Returns what the step adds
+        to its logs: the report vector and the new radius.
         """
         values, _, pending, unread, report = hand_over_loss(
-            self.optimizer._controller_values(),
-            read_value(self.optimizer.iterations), iterations_before,
-            *self._tracked_sums(), observe=observer,
-        )
+            self.optimizer._controller_values(), read_value(self.optimizer.iterations),
+            iterations_before, *self._tracked_sums(), observe=observer)
         self._assign_tracked(values, pending, unread)
         return {REPORT_LOG: report, "radius": values[0]}
 
     def train_function(self, model):
         """`model`'s train function with `in_step` after each step.
 
-        Built once per model train function and loss observer, so that
-        later `fit`s reuse its compiled program.
+        Built once per train function and observer: later `fit`s reuse it.
         """
         own = internals.own_train_function(model)
         observer = self.optimizer._loss_update()
         if self._in_step_function[:2] != (own, observer):
-            # The observer it is cached for is the one it compiles.
             self._in_step_function = (own, observer, internals.train_function_around(
                 model, lambda: read_value(self.optimizer.iterations),
                 lambda iterations_before: self.in_step(iterations_before, observer),
@@ -221,20 +198,15 @@ class _LossHandOver:
     def _assign_tracked(self, values, pending, unread):
         self.optimizer._assign_controller_values(values)
         tracker = self._tracker
-        for variable, value in zip(
-            (tracker.pending_total, tracker.pending_count,
-             tracker.unread_total, tracker.unread_count),
-            (*pending, *unread),
-        ):
+        for variable, value in zip((tracker.pending_total, tracker.pending_count,
+                                    tracker.unread_total, tracker.unread_count),
+                                   (*pending, *unread)):
             variable.assign(value)
 
     def _inputs(self):
-        return (
-            self.optimizer._controller_values(),
-            read_value(self.optimizer.iterations),
-            read_value(self._observed_iterations),
-            *self._tracked_sums(),
-        )
+        return (self.optimizer._controller_values(),
+                read_value(self.optimizer.iterations),
+                read_value(self._observed_iterations), *self._tracked_sums())
 
     def _assign(self, outputs):
         values, observed_iterations, pending, unread, report = outputs
@@ -246,21 +218,17 @@ class _LossHandOver:
 def _hands_over_in_step(model) -> bool:
     """Whether `fit` can run the hand-over inside its compiled train step.
 
-    Where `fit` runs one train step per execution and the backend compiles
-    it: JAX (also under a `keras.distribution`: the hand-over's outputs join
-    the sharded state) and TensorFlow without a strategy (a replica context
-    would read per-replica loss sums). Right after the step the hand-over
-    sees what it would see after the batch.
+    Where it runs one compiled step per execution (right after it, the
+    hand-over sees what it would after the batch): JAX, also under a
+    `keras.distribution`, and TensorFlow without a strategy (a replica would
+    read per-replica loss sums).
     """
     backend = keras.backend.backend()
-    if (
-        backend not in ("tensorflow", "jax")
-        or model.run_eagerly
-        or model.steps_per_execution != 1
-    ):
+    if (backend not in ("tensorflow", "jax") or model.run_eagerly
+            or model.steps_per_execution != 1):
         return False
     if backend == "jax":
-        return True  # also under a `keras.distribution`: inside the step
+        return True
     import tensorflow as tf
 
     return (not tf.distribute.has_strategy()
@@ -273,10 +241,7 @@ def _use_batch_loss_tracker(model) -> BatchLossMean:
     if isinstance(tracker, BatchLossMean):
         return tracker
     strategy = getattr(model, "distribute_strategy", None)  # TF only
-    if strategy is not None:
-        with strategy.scope():
-            tracker = BatchLossMean(name=tracker.name)
-    else:
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
         tracker = BatchLossMean(name=tracker.name)
     internals.replace_loss_tracker(model, tracker)
     return tracker
@@ -285,34 +250,30 @@ def _use_batch_loss_tracker(model) -> BatchLossMean:
 class TrustRegionCallback(keras.callbacks.Callback):
     """Feeds the training loss of every batch to SOAA's trust-region controller.
 
-    Keras reports in `logs["loss"]` the running mean of the epoch, not the
-    loss of the batch just trained. So at the start of training this callback
-    gives the model a loss tracker that also keeps the loss not yet read
-    (`BatchLossMean`: the same running mean for the logs, plus the weighted
-    sum and weight since the last read), and after each batch it hands the
-    loss of the batch(es) trained since its previous call, weighted by batch
-    size as `fit` reports it, to the controller. With `steps_per_execution >
-    1` that is their weighted mean.
+    Keras' `logs["loss"]` is the epoch's running mean, not the loss of the
+    batch just trained. So this callback gives the model a loss tracker that
+    also keeps the loss not yet read, and after each batch hands the loss of
+    the batch(es) trained since its previous call to the controller, weighted
+    by batch size as `fit` reports it (with `steps_per_execution > 1`, their
+    weighted mean).
 
     The hand-over runs on the device: inside the compiled train step where
     `fit` runs one step per execution on JAX or on TensorFlow without a
-    strategy (no call and no transfer per batch), else after the batch in
-    one compiled call that returns a small report (`last_report`).
+    strategy (no call and no transfer per batch), else after the batch in one
+    compiled call that returns a small report (`last_report`).
 
-    A loss is observed once the optimizer has taken a step since the previous
-    observation. Batches that moved no weights (a step skipped by
-    `LossScaleOptimizer` for non-finite gradients, or the first batches of
-    `gradient_accumulation_steps`) were trained at the same weights as the
-    next applied step, so their losses join that step's weighted mean instead
-    of being judged against a prediction no step made.
+    A loss is observed once the optimizer has stepped since the previous
+    observation. Batches that moved no weights (a step `LossScaleOptimizer`
+    skipped, or the first batches of `gradient_accumulation_steps`) were
+    trained at the weights of the next applied step, so their losses join
+    that step's weighted mean instead of facing a prediction no step made.
 
     It also:
     - sets the optimizer's `total_steps` from `fit`'s epochs and steps per
       epoch when it is `None` (`initial_epoch` included, so a resumed run
-      keeps the schedule of the whole run);
-    - adds `radius` to the batch and epoch logs, so that `History`,
-      `CSVLogger` and `TensorBoard` record it (list this callback before
-      the ones that should see it).
+      keeps the whole run's schedule);
+    - adds `radius` to the batch and epoch logs, for `History`, `CSVLogger`
+      and `TensorBoard` (list this callback before them).
 
     Example:
     ```python
@@ -332,41 +293,34 @@ class TrustRegionCallback(keras.callbacks.Callback):
         self._optimizer = find_soaa(self.model.optimizer)
         built_on = internals.trained_variables_of(self._optimizer)
         trained = self.model.trainable_variables
-        if (
-            keras.backend.backend() == "jax"
-            and self._optimizer.built
-            and (len(built_on) != len(trained)
-                 or any(a is not b for a, b in zip(built_on, trained)))
+        if keras.backend.backend() == "jax" and self._optimizer.built and (
+            len(built_on) != len(trained)
+            or any(a is not b for a, b in zip(built_on, trained))
         ):
             # Keras' JAX trainer maps the values by position; its failure at
             # the first step would leave the model's variables purged.
             raise ValueError(
-                f"SOAA was built for {len(built_on)} trainable variables, but "
-                f"the model now trains {len(trained)} others (a layer was "
-                "frozen or unfrozen after the optimizer was built). On JAX, "
-                "compile with a new optimizer, e.g. "
+                f"SOAA was built for {len(built_on)} trainable variables, but the "
+                f"model now trains {len(trained)} others (a layer was frozen or "
+                "unfrozen after the optimizer was built). On JAX, compile with a "
+                "new optimizer, e.g. "
                 "`keras_soaa.SOAA.from_config(optimizer.get_config())`."
             )
         if self._optimizer.total_steps is None:
-            epochs = self.params.get("epochs")
-            steps = self.params.get("steps")
+            epochs, steps = self.params.get("epochs"), self.params.get("steps")
             if epochs and steps:
                 accumulation = self._optimizer.gradient_accumulation_steps or 1
-                self._optimizer.total_steps = max(
-                    1, (epochs * steps) // accumulation
-                )
+                self._optimizer.total_steps = max(1, (epochs * steps) // accumulation)
         self._warn_if_past_total_steps()
-        if (
-            self._optimizer.total_steps is None
-            and self._optimizer.controller.needs_total_steps
-        ):
+        if (self._optimizer.total_steps is None
+                and self._optimizer.controller.needs_total_steps):
             # Refuse before the first step rather than at the first loss.
             raise ValueError(
-                "`TrustRegionCallback` cannot set SOAA's `total_steps`: `fit` "
-                "does not know the number of steps per epoch (e.g. a "
-                "generator or a dataset of unknown length). Pass "
-                "`SOAA(total_steps=...)` (the number of optimizer steps of "
-                "the run) or `fit(..., steps_per_epoch=...)`."
+                "`TrustRegionCallback` cannot set SOAA's `total_steps`: `fit` does "
+                "not know the number of steps per epoch (e.g. a generator or a "
+                "dataset of unknown length). Pass `SOAA(total_steps=...)` (the "
+                "number of optimizer steps of the run) or "
+                "`fit(..., steps_per_epoch=...)`."
             )
         self._optimizer._loss_observer_attached = True
         tracker = _use_batch_loss_tracker(self.model)
@@ -384,12 +338,9 @@ class TrustRegionCallback(keras.callbacks.Callback):
         self._in_step = None
         if _hands_over_in_step(model):
             self._in_step = internals.HookedTrainFunction(
-                model, self._hand_over.train_function(model), REPORT_LOG
-            )
-        # Where the hand-over runs after the batch: the batch begun last if
-        # it still owes one (else `None`), the batch ended last (indices
-        # within the epoch), and the thread `fit` runs on (Keras may run
-        # batch ends on another, see `async_safe`).
+                model, self._hand_over.train_function(model), REPORT_LOG)
+        # Hand-over after the batch: the batch begun last if it still owes one,
+        # the batch ended last, and `fit`'s thread (see `async_safe`).
         self._owing_batch = self._ended = None
         self._fit_thread = threading.get_ident()
 
@@ -414,13 +365,10 @@ class TrustRegionCallback(keras.callbacks.Callback):
     def async_safe(self) -> bool:
         """Whether Keras may run this callback's batch ends off `fit`'s thread.
 
-        On JAX, so that `fit` need not wait for each step to finish (it
-        does for a callback that is not `async_safe`): where the hand-over
-        runs inside the train step there is nothing left to do per batch;
-        elsewhere a batch end off `fit`'s thread leaves the hand-over, which
-        writes the training state, to `fit`'s thread (the next batch's
-        begin, or the epoch's end). Not in a subclass with its own
-        `on_train_batch_end`, which may read `last_report` per batch.
+        On JAX, so that `fit` need not wait for each step: a batch end off
+        `fit`'s thread leaves the hand-over, which writes the training state,
+        to `fit`'s thread. Not in a subclass with its own `on_train_batch_end`,
+        which may read `last_report` per batch.
         """
         return (
             keras.backend.backend() == "jax"
@@ -439,10 +387,9 @@ class TrustRegionCallback(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         """Observes the loss of the batch(es) trained since the last step.
 
-        Where the train step has handed it over, it also put the radius in
-        the logs, on the device: nothing to do, nothing to wait for.
-        Elsewhere the hand-over runs now, or, off `fit`'s thread, later on
-        it (the logs then carry the radius as of the batch before).
+        An in-step hand-over also put the radius in the logs: nothing to do.
+        Elsewhere the hand-over runs now, or, off `fit`'s thread, later on it
+        (the logs then carry the radius as of the batch before).
         """
         if self._in_step is not None:
             return
@@ -479,23 +426,18 @@ class TrustRegionCallback(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         """Adds the radius to the epoch's logs."""
         # The last batch's, left to `fit`'s thread; not if it never ended (an
-        # epoch of unknown length ends in a batch that finds no data). Batch
-        # indices count within the epoch; an execution of several steps
-        # begins at its first and ends at its last.
-        if self._owing_batch is not None and self._ended is not None and (
-            self._ended >= self._owing_batch
-        ):
+        # epoch of unknown length ends in a batch that finds no data). An
+        # execution of several steps begins at its first and ends at its last.
+        if (self._owing_batch is not None and self._ended is not None
+                and self._ended >= self._owing_batch):
             self._hand_over_after_batch()
         self._owing_batch = self._ended = None
         report = self.last_report
         if keras.backend.backend() == "jax" and report is not None and report.observed:
-            # Keras 3.15's JAX `fit` ends an epoch of unknown length by
-            # attaching the state it held before the last batch's callbacks,
-            # which undoes that batch's observation: write it again (no step
-            # came since; normally this writes the values already there).
+            # Keras 3.15's JAX `fit` ends an epoch of unknown length by attaching
+            # the state held before the last batch's callbacks, undoing that
+            # observation: write it again (normally a no-op).
             self._optimizer._assign_controller_values(report.values)
         if logs is not None:
-            logs["radius"] = (
-                report.radius if report is not None  # else no batch yet
-                else float(ops.convert_to_numpy(self._optimizer.radius))
-            )
+            logs["radius"] = report.radius if report is not None else float(
+                ops.convert_to_numpy(self._optimizer.radius))  # no batch yet

@@ -1,10 +1,9 @@
 """One way to compile a small stateful step on every backend.
 
 The controller step (`SOAA.observe_loss`), the callback's loss hand-over and
-eager TensorFlow's update all read some variables, compute, and write
-variables back. Run op by op, each costs dozens of tiny dispatches; compiled,
-one call. `compile_state_update` compiles that shape of function as each
-backend allows, and `CompiledCache` keeps one per configuration.
+eager TensorFlow's update read variables, compute, and write variables back:
+op by op, dozens of tiny dispatches; compiled (`compile_state_update`), one
+call. `CompiledCache` keeps one per configuration.
 """
 
 import keras
@@ -14,11 +13,9 @@ from keras import ops
 def read_value(variable):
     """The value of `variable` (or tensor), safe to keep while variables change.
 
-    JAX arrays are immutable values. Elsewhere a copy: a torch variable is
-    updated in place, so an alias would change under later assignments.
-    `x + 0`, not `ops.copy`: under `torch.compile` (torch 2.13),
-    `b.assign(copy(a))` then `a.assign(0)` left `b == 0`
-    (tests/test_observe_loss.py::test_non_finite_losses_compiled pins it).
+    Elsewhere than JAX a copy: a torch variable is updated in place. `x + 0`,
+    not `ops.copy`: under `torch.compile`, `b.assign(copy(a))` then
+    `a.assign(0)` left `b == 0` (tests/test_observe_loss.py pins it).
     """
     if keras.backend.backend() == "jax":
         return ops.convert_to_tensor(variable)
@@ -28,12 +25,9 @@ def read_value(variable):
 def compile_state_update(read, compute, write, *, jit_compile=False):
     """Returns `run(*args) = write(compute(*read(*args)))`, compiled.
 
-    - TensorFlow: all three in one `tf.function` (variables are read and
-      assigned inside the graph: one call).
-    - JAX: `compute` under `jax.jit`, values in and out; `read` and `write`
-      run eagerly (JAX variables hold values, not buffers to write into).
-    - torch: `compute` recorded once as a graph of torch ops (`TorchTrace`),
-      `read` and `write` eagerly.
+    TensorFlow: all three in one `tf.function`. JAX: `compute` under `jax.jit`,
+    `read` and `write` eagerly (JAX variables hold values, not buffers). torch:
+    `compute` replayed as a graph of torch ops (`TorchTrace`), the rest eagerly.
 
     Args:
         read: `(*args) -> tuple`, the inputs of `compute`.
@@ -61,8 +55,7 @@ def compile_state_update(read, compute, write, *, jit_compile=False):
 
 
 def _as_function(compute):
-    # `jax.jit` wants a plain function (it keeps weak references to it): a
-    # callable tuple such as `controllers.Observer` is not one.
+    # `jax.jit` keeps weak references: a callable tuple (`Observer`) won't do.
     def function(*args):
         return compute(*args)
 
@@ -85,19 +78,15 @@ class CompiledCache:
 class TorchTrace:
     """`compute` on torch, replayed as the graph of torch ops it ran once.
 
-    Run op by op, each `keras.ops` call converts and checks its inputs, which
-    costs more than the arithmetic of a few scalars. The first call with
-    inputs of given shapes and dtypes records the graph with
-    `torch.jit.trace`, which fits a pure function that branches on no
-    value (its conditions are `where`s); `torch.compile` would cost seconds
-    of compilation per configuration and a C++ compiler. Inside
-    `torch.compile` (a user's compiled step) `compute` runs as it is, for
-    Dynamo to trace.
+    Op by op, each `keras.ops` call's checks cost more than the arithmetic of
+    a few scalars. The first call per input shapes and dtypes records the
+    graph with `torch.jit.trace` (fits a pure function with no value branch);
+    `torch.compile` would cost seconds per configuration and a C++ compiler.
+    Inside `torch.compile`, `compute` runs as it is, for Dynamo to trace.
 
     Args:
-        compute: a pure function of tensors and (named) tuples of tensors,
-            returning the same; its other arguments bound (the trace keeps
-            Python numbers as constants).
+        compute: a pure function of (named tuples of) tensors, returning the
+            same; other arguments bound (the trace keeps numbers as constants).
     """
 
     def __init__(self, compute):
@@ -112,8 +101,7 @@ class TorchTrace:
             return self._compute(*args)
         flat = tuple(_flatten(args))
         signature = tuple((x.shape, x.dtype, x.device) for x in flat)
-        # Replayed as recorded: TorchScript's optimizing executor would
-        # compile fused kernels at the second call, for no gain on scalars.
+        # As recorded: the optimizing executor's fused kernels gain nothing here.
         with torch.no_grad(), torch.jit.optimized_execution(False):
             if signature not in self._traces:
                 self._traces[signature] = self._trace(args, flat)
@@ -134,9 +122,7 @@ class TorchTrace:
             return tuple(_flatten(outputs))
 
         with warnings.catch_warnings():
-            # `torch.jit.trace` is deprecated in favour of `torch.compile`
-            # (see above), and warns that Python numbers become constants,
-            # which they are meant to be.
+            # `trace` is deprecated, and warns that numbers become constants (meant).
             warnings.simplefilter("ignore")
             traced = torch.jit.trace(flat_compute, flat, check_trace=False)
         if not structure:  # PYTORCH_JIT=0: `trace` hands `flat_compute` back
@@ -144,8 +130,7 @@ class TorchTrace:
         return traced, structure[0]
 
 
-# `keras.tree` for the tuples (and named tuples) of tensors that `compute`
-# takes and returns, at a fraction of its cost per call.
+# `keras.tree` for (named) tuples of tensors, at a fraction of its cost.
 def _flatten(structure):
     if isinstance(structure, tuple):
         for item in structure:

@@ -15,17 +15,15 @@ totals    = step_sums(controller.sums, g, m, v, scalars, epsilon, predicted)
 ```
 
 where `predicted` gives `predicted_reduction(*predicted_reduction_sums(new_m,
-new_v, q), scalars)`, computed only for a controller that reads it.
+new_v, q), scalars)`, only for a controller that reads it. With `beta_1 <=
+beta_2`, `ok = moments_are_finite(new_v, scalars)` right after `moments` is the
+same decision, known before the sums.
 
-(with `beta_1 <= beta_2`, `ok = moments_are_finite(new_v, scalars)` right
-after `moments`: the same decision, known before the sums).
-
-The bias corrections are folded into scalars (`m_hat`, `v_hat` and `u` are
-never made as arrays): with `q = new_m / (r + epsilon)` and `a = d / (1 -
-beta_1^t)`, the step is `u = a * q`. Every function takes arrays of one
-variable, or, where it only combines per-variable scalars
-(`curvature_scale`, `predicted_reduction`, `is_finite_step`), vectors of
-them, which is how the fused paths call it for many variables at once.
+The bias corrections are folded into scalars (`m_hat`, `v_hat`, `u` are never
+arrays): with `a = d / (1 - beta_1^t)`, the step is `u = a * q`. Functions take
+one variable's arrays, or, where they only combine per-variable scalars
+(`curvature_scale`, `predicted_reduction`, `is_finite_step`), vectors of them,
+as the fused paths call them for many variables at once.
 """
 
 from typing import NamedTuple
@@ -33,16 +31,13 @@ from typing import NamedTuple
 import keras
 from keras import ops
 
-# The operand of a controller's sum that is the step's predicted reduction
-# (`keras_soaa.controllers.Sum`).
+# The operand of a controller's `Sum` that is the step's predicted reduction.
 PREDICTED_REDUCTION = "predicted_reduction"
 
-# `S` of the overflow guard (`curvature_sums`): a power of two, so scaling
-# by it is exact (where the result is normal).
+# `S` of the overflow guard: a power of two, so scaling by it is exact (if normal).
 OVERFLOW_SCALE = 2.0**-64
 
-# The largest finite value of the 16-bit float dtypes, whose variables are
-# updated in float32 and rounded once at the end.
+# Largest finite 16-bit floats (updated in float32, rounded once at the end).
 LARGEST_FINITE = {"float16": 65504.0, "bfloat16": 3.3895313892515355e38}
 
 
@@ -70,8 +65,8 @@ class CurvatureSums(NamedTuple):
 def bias_correction(beta: float, step):
     """Returns `1 - beta**step` in the dtype of `step`, accurate in float32.
 
-    `beta = 0.999` rounds to float32 with a relative error of 1e-5 in
-    `1 - beta`; computing from the Python float `1 - beta` keeps it at 1e-7.
+    From the Python float `1 - beta`, not `beta` rounded to float32
+    (docs/algorithm.md, "Numerical details").
     """
     one_minus_beta = ops.convert_to_tensor(1.0 - beta, dtype=step.dtype)
     return -ops.expm1(step * ops.log1p(-one_minus_beta))
@@ -88,32 +83,25 @@ def step_scalars(learning_rate, iterations, radius, beta_1, beta_2, dtype):
         radius=ops.cast(radius, dtype),
         # At t = 1, v = 0 and any nonzero value gives q_prev = 0.
         previous_beta_2_correction=ops.where(
-            previous_step > 0, bias_correction(beta_2, previous_step), 1.0
-        ),
+            previous_step > 0, bias_correction(beta_2, previous_step), 1.0),
     )
 
 
 def moments(m, v, gradient, beta_1: float, beta_2: float):
     """Returns Adam's new moments `(new_m, new_v)` (not bias-corrected)."""
     new_m = ops.add(m, ops.multiply(ops.subtract(gradient, m), 1 - beta_1))
-    new_v = ops.add(
-        v, ops.multiply(ops.subtract(ops.square(gradient), v), 1 - beta_2)
-    )
+    new_v = ops.add(v, ops.multiply(ops.subtract(ops.square(gradient), v), 1 - beta_2))
     return new_m, new_v
 
 
 def curvature_sums(new_m, new_v) -> CurvatureSums:
     """Returns `sum(new_m**2)` and `sum(new_v)`, rescaled if one overflows.
 
-    docs/algorithm.md, "Overflow guard". The plain sums and the sums of the
-    elements scaled by `S = OVERFLOW_SCALE` (`sum((new_m * S)**2)`,
-    `sum(new_v * S * S)`) are taken in the same pass, with no branch, and
-    the plain ones kept where both are finite: the ratio `c` needs is the
-    same either way. Every term of the scaled `v` sum is at most 1, and
-    where `beta_1 <= beta_2`, `(new_m * S)**2 <= new_v * S * S * (1 -
-    beta_1) / (1 - beta_2)`: the scaled sums are finite whenever `new_v`
-    is. A non-finite `new_v` leaves them non-finite, and the step is
-    skipped (`is_finite_step`).
+    docs/algorithm.md, "Overflow guard". The plain sums and those of the
+    elements scaled by `S = OVERFLOW_SCALE` are taken in one pass, no branch;
+    the plain ones are kept where both are finite (the ratio `c` needs is the
+    same). The scaled sums are finite whenever `new_v` is; a non-finite
+    `new_v` leaves them non-finite, and the step is skipped.
     """
     m, v = ops.reshape(new_m, (-1,)), ops.reshape(new_v, (-1,))
     rows = (
@@ -124,8 +112,7 @@ def curvature_sums(new_m, new_v) -> CurvatureSums:
     if keras.backend.backend() == "torch":  # eager: the rows one by one
         plain_m, plain_v, scaled_m, scaled_v = map(ops.sum, rows)
     else:
-        # One reduction of four rows: XLA fuses it into one pass over
-        # `new_m` and `new_v`, the rows never materialized.
+        # One reduction of four rows: XLA fuses it into one pass, no rows made.
         plain_m, plain_v, scaled_m, scaled_v = ops.unstack(
             ops.sum(ops.stack(rows), axis=1))
     plain = ops.logical_and(ops.isfinite(plain_m), ops.isfinite(plain_v))
@@ -144,31 +131,24 @@ def curvature_scale(sums: CurvatureSums, size, scalars: StepScalars, epsilon):
     `c = 1 + sum(m_hat**2) / sum(v_hat + epsilon)`, from the sums of the new
     moments with the bias corrections applied to the sums.
     """
-    sum_v_hat_eps = ops.add(
-        ops.divide(sums.sum_v, scalars.beta_2_correction),
-        ops.multiply(ops.multiply(size, epsilon), sums.scale),
-    )
+    sum_v_hat_eps = ops.add(ops.divide(sums.sum_v, scalars.beta_2_correction),
+                            ops.multiply(ops.multiply(size, epsilon), sums.scale))
     c = 1 + ops.divide(
-        ops.divide(sums.sum_m_sq, ops.square(scalars.beta_1_correction)),
-        sum_v_hat_eps,
-    )
+        ops.divide(sums.sum_m_sq, ops.square(scalars.beta_1_correction)), sum_v_hat_eps)
     return c, sum_v_hat_eps
 
 
 def step_direction(new_m, new_v, curvature_scale, scalars: StepScalars, epsilon):
     """Returns `q = new_m / (r + epsilon)`, `r = max(d * c * v_hat, sqrt(v_hat))`.
 
-    The step is `u = a * q` with `a = d / (1 - beta_1^t)`. The maximum is a
-    `where`: Keras 3.15's torch `maximum` computes two float64 inputs in
-    float32 (tests/test_optimizer.py runs float64). A NaN in `d * F`
-    propagates.
+    The maximum is a `where`: Keras 3.15's torch `maximum` computes float64 in
+    float32. A NaN in `d * F` propagates.
     """
     b2c = scalars.beta_2_correction
     sqrt_v_hat = ops.multiply(ops.sqrt(new_v), ops.rsqrt(b2c))
     scaled_fisher = ops.multiply(new_v, scalars.radius * curvature_scale / b2c)
-    denominator = ops.where(
-        ops.greater_equal(sqrt_v_hat, scaled_fisher), sqrt_v_hat, scaled_fisher
-    )
+    denominator = ops.where(ops.greater_equal(sqrt_v_hat, scaled_fisher),
+                            sqrt_v_hat, scaled_fisher)
     return ops.divide(new_m, ops.add(denominator, epsilon))
 
 
@@ -176,8 +156,7 @@ def new_weight(theta, direction, scalars: StepScalars, weight_decay, dtype):
     """Returns `theta - eta * weight_decay * theta - eta * u` in `dtype`.
 
     `weight_decay` is `None` for a variable that is not decayed. A 16-bit
-    weight saturates at its dtype's largest value instead of rounding to
-    inf: the step itself is finite in float32 (spec, "Non-finite steps").
+    weight saturates instead of rounding to inf (spec, "Non-finite steps").
     """
     lr = scalars.learning_rate
     if weight_decay is not None:
@@ -193,74 +172,57 @@ def new_weight(theta, direction, scalars: StepScalars, weight_decay, dtype):
 def predicted_reduction_sums(new_m, new_v, direction):
     """Returns `(sum(new_m * q), sum(new_v * q * q))` of one variable.
 
-    `new_v * q` first: `q**2` underflows float32 when `v` is huge (|g| ~
-    1e19 gives q ~ 1e-20), while `|new_v * q| <= |new_m| * b2c / d`.
+    `new_v * q` first: `q**2` underflows float32 when `v` is huge
+    (docs/algorithm.md, "Numerical details").
     """
-    return (
-        ops.sum(ops.multiply(new_m, direction)),
-        ops.sum(ops.multiply(ops.multiply(new_v, direction), direction)),
-    )
+    return (ops.sum(ops.multiply(new_m, direction)),
+            ops.sum(ops.multiply(ops.multiply(new_v, direction), direction)))
 
 
 def predicted_reduction(alignment, curvature, scalars: StepScalars):
     """Returns `eta * sum(m_hat * u - v_hat * u**2 / 2)` as float32.
 
-    From the two sums of `predicted_reduction_sums`: `a / b1c * alignment -
-    a**2 / (2 * b2c) * curvature`. Each term of the second is at most half
-    the first's (`v_hat * u**2 <= m_hat * u / c`): no digits lost.
+    `a / b1c * alignment - a**2 / (2 * b2c) * curvature`, from
+    `predicted_reduction_sums`; the second term is at most half the first's, so
+    no digits are lost (docs/algorithm.md, "Numerical details").
     """
     step_scale = scalars.radius / scalars.beta_1_correction  # a
-    return ops.cast(
-        ops.multiply(
-            scalars.learning_rate,
-            ops.subtract(
-                ops.multiply(alignment, step_scale / scalars.beta_1_correction),
-                ops.multiply(
-                    curvature,
-                    ops.square(step_scale) / (2.0 * scalars.beta_2_correction),
-                ),
-            ),
-        ),
-        "float32",
-    )
+    return ops.cast(ops.multiply(scalars.learning_rate, ops.subtract(
+        ops.multiply(alignment, step_scale / scalars.beta_1_correction),
+        ops.multiply(curvature,
+                     ops.square(step_scale) / (2.0 * scalars.beta_2_correction)),
+    )), "float32")
 
 
 def is_finite_step(curvature_scale, sum_v_hat_eps, scalars: StepScalars):
     """The spec's skip rule: True where a variable's step is applied.
 
-    The sums that `c` needs are finite exactly when `g` holds no NaN or inf
-    and `g**2` did not overflow; with them and a finite learning rate the
-    step is bounded (`|u| <= ~7.3 d` at the defaults), so nothing else
-    decides whether `m`, `v` and `theta` are written.
+    The sums `c` needs are finite exactly when `g` holds no NaN or inf and
+    `g**2` did not overflow; with them and a finite learning rate the step is
+    bounded, so nothing else decides whether `m`, `v` and `theta` are written.
     """
     return ops.logical_and(
         ops.logical_and(ops.isfinite(curvature_scale), ops.isfinite(sum_v_hat_eps)),
-        ops.isfinite(scalars.learning_rate),
-    )
+        ops.isfinite(scalars.learning_rate))
 
 
 def moments_are_finite(new_v, scalars: StepScalars):
     """`is_finite_step` decided from `new_v` alone, where `beta_1 <= beta_2`.
 
-    True where every element of `new_v` and the learning rate are finite.
-    That is the spec's rule, known before the sums: a NaN or an infinity in
-    `g` or an overflowing `g**2` makes some `new_v` non-finite, and so the
-    sums; with every `new_v` finite the (rescaled) sums are finite, and
-    `beta_1 <= beta_2` gives `m**2 <= v * (1 - beta_1) / (1 - beta_2)`
-    elementwise, so `c <= 1 + 1 / ((1 - beta_1) * (1 - beta_2))`: finite.
+    True where every `new_v` and the learning rate are finite: a bad `g`
+    makes some `new_v` non-finite; with every `new_v` finite the sums are,
+    and `beta_1 <= beta_2` bounds `c <= 1 + 1 / ((1 - beta_1) * (1 - beta_2))`.
     """
-    return ops.logical_and(
-        ops.all(ops.isfinite(new_v)), ops.isfinite(scalars.learning_rate)
-    )
+    return ops.logical_and(ops.all(ops.isfinite(new_v)),
+                           ops.isfinite(scalars.learning_rate))
 
 
 def previous_direction(m, v, scalars: StepScalars, epsilon):
     """Returns `q_prev = m / (sqrt(v / (1 - beta_2^(t-1))) + epsilon)`.
 
-    From the moments before this step's update: the previous step's Adam
-    direction `m_hat / (sqrt(v_hat) + epsilon)` times the positive scalar
-    `1 - beta_1^(t-1)`, which cancels from the hypergradient's cosine. Zero
-    at `t = 1` (`m = 0`).
+    From the moments before this step: the previous Adam direction times
+    `1 - beta_1^(t-1)` > 0, which cancels from the hypergradient's cosine.
+    Zero at `t = 1`.
     """
     scale = ops.rsqrt(scalars.previous_beta_2_correction)
     return ops.divide(m, ops.add(ops.multiply(ops.sqrt(v), scale), epsilon))
@@ -269,18 +231,15 @@ def previous_direction(m, v, scalars: StepScalars, epsilon):
 def step_sums(sums, gradient, m, v, scalars: StepScalars, epsilon, predicted):
     """One variable's values of a controller's `sums`, each `(name, left, right)`.
 
-    `sum(left * right)` from `g` and the moments before the step, or, for
-    `left == PREDICTED_REDUCTION`, `predicted()`. Only what `sums` reads is
-    computed.
+    `sum(left * right)` from `g` and the moments before the step, or
+    `predicted()` for `PREDICTED_REDUCTION`. Only what `sums` reads is computed.
     """
     operands = {"gradient": gradient, "momentum": m, "velocity": v}
     if any("previous_direction" in s[1:] for s in sums):
         operands["previous_direction"] = previous_direction(m, v, scalars, epsilon)
     return tuple(
         predicted() if s[1] == PREDICTED_REDUCTION
-        else ops.sum(ops.multiply(operands[s[1]], operands[s[2]]))
-        for s in sums
-    )
+        else ops.sum(ops.multiply(operands[s[1]], operands[s[2]])) for s in sums)
 
 
 def finite_or_zero(value, is_finite):

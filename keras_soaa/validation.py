@@ -1,7 +1,4 @@
-"""Checks of `SOAA`'s arguments and state, each failing with a clear message.
-
-A bad argument gets a `ValueError` naming it.
-"""
+"""Checks of `SOAA`'s arguments and state, each failing with a clear message."""
 
 import math
 import numbers
@@ -13,9 +10,7 @@ from keras import ops
 
 def is_real_number(value):
     """True for Python and NumPy reals (`np.float32(0.9)`, `np.int64(3)`)."""
-    return isinstance(value, numbers.Real) and not isinstance(
-        value, (bool, np.bool_)
-    )
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def _as_float(value):
@@ -43,9 +38,7 @@ def _check_real(name, value, low, high, *, low_open, high_open, rule):
 
 def python_number(value):
     """NumPy scalars as Python numbers, so that `get_config` stays JSON."""
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
+    return value.item() if isinstance(value, np.generic) else value
 
 
 # The ranges `real` checks: rule -> (low, high, low_open, high_open).
@@ -61,8 +54,7 @@ _RANGES = {
 def real(value, name: str, rule: str, low: float | None = None) -> float:
     """`value` as a float, or a `ValueError` naming `name` and `rule`.
 
-    `rule` is a key of `_RANGES`, or `">= <other argument>"` with its
-    value as `low`.
+    `rule`: a key of `_RANGES`, or `">= <other argument>"` with its value `low`.
     """
     bounds = _RANGES.get(rule, (low, math.inf, False, True))
     if low is not None:
@@ -77,17 +69,14 @@ def steps(total_steps) -> int:
     if (not isinstance(total_steps, numbers.Integral)
             or isinstance(total_steps, (bool, np.bool_)) or total_steps < 1):
         raise ValueError(
-            "Argument `total_steps` must be `None` or an integer >= 1. "
-            f"Received: total_steps={total_steps!r} "
-            f"(of type {type(total_steps).__name__})"
+            "Argument `total_steps` must be `None` or an integer >= 1. Received: "
+            f"total_steps={total_steps!r} (of type {type(total_steps).__name__})"
         )
     return int(total_steps)
 
 
-def validate_hyperparameters(
-    learning_rate, beta_1, beta_2, epsilon, total_steps, initial_radius,
-    weight_decay, fused,
-):
+def validate_hyperparameters(learning_rate, beta_1, beta_2, epsilon, total_steps,
+                             initial_radius, weight_decay, fused):
     """Raises `ValueError` naming the first invalid constructor argument."""
     if is_real_number(learning_rate) or isinstance(learning_rate, bool):
         real(learning_rate, "learning_rate", "> 0")
@@ -105,10 +94,8 @@ def validate_hyperparameters(
     if total_steps is not None:
         steps(total_steps)
     if weight_decay is not None:
-        _check_real(
-            "weight_decay", weight_decay, 0.0, math.inf,
-            low_open=False, high_open=True, rule=">= 0 (finite) or `None`",
-        )
+        _check_real("weight_decay", weight_decay, 0.0, math.inf, low_open=False,
+                    high_open=True, rule=">= 0 (finite) or `None`")
     if fused not in (None, False):
         raise ValueError(
             "Argument `fused` must be `None` (the backend's fast path where "
@@ -119,7 +106,7 @@ def validate_hyperparameters(
 def as_base_learning_rate(learning_rate):
     """A real `learning_rate` as a Python float, which the base class takes.
 
-    An int or a NumPy scalar is just as clear; schedules and callables pass.
+    Also an int or a NumPy scalar; schedules and callables pass.
     """
     return float(learning_rate) if is_real_number(learning_rate) else learning_rate
 
@@ -136,8 +123,7 @@ def loss_as_float32_scalar(loss):
     if loss is None or isinstance(loss, (str, bytes, bool, np.bool_)):
         raise refuse(f"got {type(loss).__name__}")
     if isinstance(loss, numbers.Real):
-        # Python and NumPy numbers: beyond float32's range they become +-inf
-        # on every backend (TensorFlow refuses to convert 1e300 otherwise).
+        # Beyond float32's range: +-inf on every backend (TF refuses 1e300).
         try:
             value = float(loss)
         except OverflowError:  # an int beyond float64
@@ -159,12 +145,12 @@ def loss_as_float32_scalar(loss):
 def no_loss_observed_message(optimizer):
     """The warning of an optimizer whose radius will never see a loss."""
     return (
-        f"SOAA optimizer '{optimizer.name}' is applying steps but no loss is "
-        f"fed to its controller ({optimizer.controller!r}), so its radius "
-        f"stays at initial_radius={optimizer.initial_radius} and never "
-        "adapts. With `model.fit`, pass "
-        "`callbacks=[keras_soaa.TrustRegionCallback()]`; in a custom training "
-        "loop, call `optimizer.observe_loss(loss)` after each `apply`"
+        f"SOAA optimizer '{optimizer.name}' is applying steps but no loss is fed "
+        f"to its controller ({optimizer.controller!r}), so its radius stays at "
+        f"initial_radius={optimizer.initial_radius} and never adapts. With "
+        "`model.fit`, pass `callbacks=[keras_soaa.TrustRegionCallback()]`; in a "
+        "custom training loop, call `optimizer.observe_loss(loss)` after each "
+        "`apply`"
         + (" (with `SOAA(total_steps=...)`)."
            if optimizer.controller.needs_total_steps else ".")
     )
@@ -180,25 +166,24 @@ def require_ready_to_observe(optimizer):
     if optimizer.total_steps is None and optimizer.controller.needs_total_steps:
         raise ValueError(
             "SOAA needs `total_steps` to schedule its radius bounds. Pass "
-            "`SOAA(total_steps=...)` (the number of optimizer steps of the "
-            "run), or train with `model.fit(..., "
-            "callbacks=[keras_soaa.TrustRegionCallback()])`, which sets it "
-            "from the epochs and steps per epoch."
+            "`SOAA(total_steps=...)` (the number of optimizer steps of the run), "
+            "or train with `model.fit(..., callbacks=["
+            "keras_soaa.TrustRegionCallback()])`, which sets it from the epochs "
+            "and steps per epoch."
         )
 
 
 def refuse_state(optimizer, saved: int, layout: str | None = None):
     """Raises `ValueError`: a saved state does not fit `optimizer`.
 
-    Keras would only warn and keep the fresh state: a resumed run would
-    silently restart the trust region.
+    Keras would only warn and keep the fresh state, silently restarting the
+    trust region of a resumed run.
     """
     raise ValueError(
-        f"Cannot restore SOAA optimizer '{optimizer.name}': the saved "
-        f"state has {saved} variables"
-        + (f" of state {layout}" if layout else "")
+        f"Cannot restore SOAA optimizer '{optimizer.name}': the saved state has "
+        f"{saved} variables" + (f" of state {layout}" if layout else "")
         + f", this optimizer has {len(optimizer.variables)} with controller "
         f"{optimizer.controller!r}. Was it saved with other options (e.g. "
-        "`use_ema`, `gradient_accumulation_steps`, another controller) or "
-        "a newer version of keras-soaa?"
+        "`use_ema`, `gradient_accumulation_steps`, another controller) or a "
+        "newer version of keras-soaa?"
     )

@@ -81,9 +81,7 @@ def make_optimizer(backend, stem=None):
     """The SOAA configuration of `backend`'s golden file (or of `stem`'s)."""
     import keras
 
-    from keras_soaa import SOAA
-
-    from keras_soaa import controllers
+    from keras_soaa import SOAA, controllers
 
     if stem == "soaa_layout4_tensorflow":
         return SOAA(learning_rate=0.05, initial_radius=1.3,

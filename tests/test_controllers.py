@@ -355,11 +355,9 @@ def test_custom_loop_feeding_losses_does_not_warn():
     import warnings
 
     variable = keras.Variable([1.0])
-    optimizer = SOAA()
+    optimizer = SOAA(total_steps=3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for step in range(3):
             optimizer.apply([ops.convert_to_tensor([1.0])], [variable])
-            if step == 0:
-                optimizer.total_steps = 3
             optimizer.observe_loss(1.0 / (step + 1))

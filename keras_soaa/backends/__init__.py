@@ -1,14 +1,11 @@
 """The one place SOAA's update path is chosen, per backend.
 
-- torch: `keras_soaa.backends.torch.update_variables`, every variable of one
-  compute dtype at once with multi-tensor kernels (Keras runs a subclass'
-  `update_step` eagerly on torch, one small op at a time).
-- TensorFlow run eagerly outside a `tf.distribute` strategy: the portable
-  per-variable step compiled with XLA, one call (op by op, each elementwise
-  op would be a pass over memory).
+- torch: `keras_soaa.backends.torch.update_variables`, multi-tensor kernels
+  per compute dtype (Keras runs `update_step` eagerly on torch, op by op).
+- Eager TensorFlow outside a `tf.distribute` strategy: the portable step
+  compiled with XLA, one call (op by op, each op would be a pass over memory).
 - Otherwise (JAX, compiled TensorFlow, `SOAA(fused=False)`): the portable
-  `SOAA.update_step` per variable, which the backend compiles with the
-  train step.
+  `SOAA.update_step` per variable, compiled with the train step.
 
 Whichever runs, a controller that does not wait for losses updates after it.
 """
@@ -43,9 +40,8 @@ def update_variables(optimizer, grads, variables, learning_rate):
     elif optimizer.fused is not False and _tf_eager_without_strategy(backend):
         import tensorflow as tf
 
-        # Sparse gradients as dense ones (SOAA's step is dense anyway): the
-        # compiled function takes tensors, not `IndexedSlices` whose indices
-        # may be a tuple.
+        # Sparse gradients as dense (the step is dense anyway): the compiled
+        # function takes tensors, not `IndexedSlices`.
         grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices)
                  else g for g in grads]
         variables = list(variables)

@@ -1,13 +1,10 @@
 """SOAA's update of many variables at once, with `torch._foreach_*` kernels.
 
-As Keras' torch Adam (`keras/src/backend/torch/optimizers/torch_adam.py`):
-`update_step` follows `SOAA.update_step` line for line, each function it
-calls named after the `keras_soaa.maths` function it stands for, on a list
-of tensors, one per variable. Where `maths` only
-combines per-variable scalars it runs as it is, on vectors, `replayed`.
-Where the skip rule will apply every variable's step
-(`applies_to_every_variable`, the counterpart of `maths.moments_are_finite`),
-m, v and the weights are updated in place.
+As Keras' torch Adam: `update_step` follows `SOAA.update_step` line for line,
+each function named after the `keras_soaa.maths` one it stands for, on lists of
+tensors, one per variable. `maths` functions of per-variable scalars run as
+they are, on vectors, `replayed`. Where the skip rule will apply every step
+(`applies_to_every_variable`), m, v and the weights are updated in place.
 """
 
 import functools
@@ -24,13 +21,11 @@ _replays = CompiledCache()
 def replayed(function, **constants):
     """`maths.<function>` with `constants` bound, replayed (`TorchTrace`).
 
-    For the functions of per-variable scalars (vectors here): a dozen tiny
-    ops each, which op by op cost more than the kernels of a small model.
+    For the functions of per-variable scalars: a dozen tiny ops each, which op
+    by op cost more than the kernels of a small model.
     """
-    return _replays.get(
-        (function, *sorted(constants.items())),
-        lambda: TorchTrace(functools.partial(function, **constants)),
-    )
+    return _replays.get((function, *sorted(constants.items())),
+                        lambda: TorchTrace(functools.partial(function, **constants)))
 
 
 def previous_direction(momentums, velocities, scalars, epsilon):
@@ -46,19 +41,15 @@ def previous_direction(momentums, velocities, scalars, epsilon):
 def step_sums(sums, grads, momentums, velocities, scalars, epsilon):
     """`maths.step_sums` for many variables: a vector per sum.
 
-    Except the predicted reduction's, known only after the step: `(name,
-    PREDICTED_REDUCTION)` gives an empty vector, which `_applied_totals`
-    fills in.
+    The predicted reduction, known only after the step, gives an empty vector,
+    which `_applied_totals` fills in.
     """
     operands = {"gradient": grads, "momentum": momentums, "velocity": velocities}
     if any("previous_direction" in s[1:] for s in sums):
         operands["previous_direction"] = previous_direction(
-            momentums, velocities, scalars, epsilon
-        )
-    return tuple(
-        torch.empty(0) if s.left == maths.PREDICTED_REDUCTION
-        else _dots(zip(operands[s.left], operands[s.right])) for s in sums
-    )
+            momentums, velocities, scalars, epsilon)
+    return tuple(torch.empty(0) if s.left == maths.PREDICTED_REDUCTION
+                 else _dots(zip(operands[s.left], operands[s.right])) for s in sums)
 
 
 def _dots(pairs):
@@ -69,7 +60,7 @@ def _dots(pairs):
 def moments(momentums, velocities, grads, beta_1, beta_2, in_place=False):
     """`maths.moments` for many variables: its formulas as lerp, mul-add.
 
-    `in_place`: written into `momentums` and `velocities`, which it returns.
+    `in_place`: written into `momentums` and `velocities`, and returned.
     """
     if in_place:
         torch._foreach_lerp_(momentums, grads, 1 - beta_1)
@@ -89,8 +80,7 @@ def curvature_sums(new_m, new_v) -> maths.CurvatureSums:
         sum_v = torch.stack([v.sum() for v in new_v])
         if bool(torch.isfinite(sum_m_sq).all() & torch.isfinite(sum_v).all()):
             return maths.CurvatureSums(sum_m_sq, sum_v, torch.ones_like(sum_v))
-    # Rare on CPU (huge gradients), else always: the portable sums, which
-    # rescale where a plain sum overflows, with no branch.
+    # Rare on CPU (huge gradients), else always: the rescaling portable sums.
     return maths.CurvatureSums(
         *(torch.stack(sums) for sums in zip(*map(maths.curvature_sums, new_m, new_v)))
     )
@@ -113,9 +103,8 @@ def step_direction(new_m, new_v, curvature_scale, scalars, epsilon):
 def new_weight(thetas, directions, scalars, weight_decays, dtypes, in_place=False):
     """`maths.new_weight` for many variables.
 
-    `weight_decays` has one entry per variable (`None` where it is not
-    decayed), `dtypes` the variables' torch dtypes. `in_place`: written into
-    `thetas` (of those dtypes, which do not saturate), returned.
+    `weight_decays`: one per variable (`None`: not decayed); `dtypes`: theirs.
+    `in_place`: written into `thetas` (which then do not saturate), returned.
     """
     lr = scalars.learning_rate
     step_scale = scalars.radius / scalars.beta_1_correction
@@ -126,9 +115,8 @@ def new_weight(thetas, directions, scalars, weight_decays, dtypes, in_place=Fals
             theta.addcmul_(direction, -lr * step_scale)
         return thetas
     new_thetas = []
-    for theta, direction, weight_decay, dtype in zip(
-        thetas, directions, weight_decays, dtypes
-    ):
+    for theta, direction, weight_decay, dtype in zip(thetas, directions,
+                                                     weight_decays, dtypes):
         if weight_decay is not None:
             theta = torch.addcmul(theta, theta, -weight_decay * lr)
         new_theta = torch.addcmul(theta, direction, -lr * step_scale)
@@ -148,8 +136,7 @@ def predicted_reduction_sums(new_m, new_v, directions):
 def update_variables(optimizer, grads, variables, learning_rate):
     """Runs `update_step` once per compute dtype over the non-empty variables.
 
-    Adds the controller's sums to their variables, as `SOAA.update_step`
-    does per variable.
+    Adds the controller's sums to their variables, as `SOAA.update_step` does.
     """
     groups = {}
     for grad, variable in zip(grads, variables):
@@ -159,32 +146,26 @@ def update_variables(optimizer, grads, variables, learning_rate):
         groups.setdefault(m.dtype, []).append((grad, variable, m, v))
     for dtype, members in groups.items():
         grads, variables, momentums, velocities = zip(*members)
-        scalars = replayed(
-            maths.step_scalars, beta_1=optimizer.beta_1, beta_2=optimizer.beta_2,
-            dtype=dtype,
-        )(*map(keras.ops.convert_to_tensor,
-               (learning_rate, optimizer.iterations, optimizer.radius)))
+        scalars = replayed(maths.step_scalars, beta_1=optimizer.beta_1,
+                           beta_2=optimizer.beta_2, dtype=dtype)(
+            *map(keras.ops.convert_to_tensor,
+                 (learning_rate, optimizer.iterations, optimizer.radius)))
         totals = update_step(
             [keras.ops.convert_to_tensor(g) for g in grads],
             [variable.value for variable in variables],
             [m.value for m in momentums],
             [v.value for v in velocities],
             [optimizer._weight_decay_of(variable) for variable in variables],
-            scalars,
-            beta_1=optimizer.beta_1,
-            beta_2=optimizer.beta_2,
-            epsilon=optimizer.epsilon,
-            sums=optimizer.controller.sums,
+            scalars, beta_1=optimizer.beta_1, beta_2=optimizer.beta_2,
+            epsilon=optimizer.epsilon, sums=optimizer.controller.sums,
         )
         for variable, total in zip(optimizer._sums, totals):
             variable.assign_add(total)
 
 
 @torch.no_grad()
-def update_step(
-    grads, params, momentums, velocities, weight_decays, scalars,
-    *, beta_1, beta_2, epsilon, sums=(),
-):
+def update_step(grads, params, momentums, velocities, weight_decays, scalars, *,
+                beta_1, beta_2, epsilon, sums=()):
     """Applies SOAA's step to variables that share one compute dtype.
 
     Args:
@@ -216,10 +197,8 @@ def update_step(
     sizes = torch.tensor([p.numel() for p in params], dtype=dtype)
     c, is_finite = replayed(_scale_and_check, epsilon=epsilon)(sums, sizes, scalars)
     directions = step_direction(new_m, new_v, c, scalars, epsilon)
-    new_params = new_weight(
-        thetas, directions, scalars, weight_decays, [p.dtype for p in params],
-        in_place,
-    )
+    new_params = new_weight(thetas, directions, scalars, weight_decays,
+                            [p.dtype for p in params], in_place)
     reads_prediction = any(s.left == maths.PREDICTED_REDUCTION for s in declared)
     predicted_sums = (predicted_reduction_sums(new_m, new_v, directions)
                       if reads_prediction else ())
@@ -228,15 +207,13 @@ def update_step(
         states = momentums + velocities + params
         news = [*new_m, *new_v, *new_params]
         if _host_reads_are_free(params[0]) and bool(is_finite.all()):
-            # Every step applied: a plain copy. (A host check is free on CPU;
-            # on an accelerator it would stall the queue: `where` there.)
+            # Every step applied (a free host check here): a plain copy.
             torch._foreach_copy_(states, news)
         else:
             for ok, state, new in zip(is_finite.unbind() * 3, states, news):
                 torch.where(ok, new, state, out=state)
     return replayed(_applied_totals, sums=tuple(declared))(
-        predicted_sums, scalars, is_finite, sum_vectors
-    )
+        predicted_sums, scalars, is_finite, sum_vectors)
 
 
 def _host_reads_are_free(tensor):
@@ -248,16 +225,11 @@ def _host_reads_are_free(tensor):
 def applies_to_every_variable(grads, params, scalars, beta_1, beta_2):
     """Whether the skip rule will apply every variable's step, known up front.
 
-    Then `update_step` writes `m`, `v` and `theta` in place: no new arrays,
-    and a read of `g` instead of a copy of all three. On CPU outside
-    `torch.compile` (the checks are host reads, free there) for variables
+    Then `update_step` writes `m`, `v` and `theta` in place (no new arrays).
+    On CPU outside `torch.compile` (host reads are free there), for variables
     of the compute dtype, when the learning rate and every `sum(g**2)` are
-    finite: every `g**2` is then finite, so are `new_v` and the sums `c`
-    needs (rescaled if they overflow), and with `beta_1 <= beta_2`,
-    `m**2 <= v * (1 - beta_1) / (1 - beta_2)` elementwise bounds
-    `c <= 1 + 1 / ((1 - beta_1) * (1 - beta_2))`: finite. Otherwise (a NaN
-    or inf gradient, a huge sum) the step is
-    computed aside and selected per variable.
+    finite: then so are `new_v` and `c`, as in `maths.moments_are_finite`.
+    Otherwise the step is computed aside and selected per variable.
     """
     return (
         _host_reads_are_free(params[0])
@@ -268,8 +240,7 @@ def applies_to_every_variable(grads, params, scalars, beta_1, beta_2):
     )
 
 
-# The per-variable scalar maths of `SOAA.update_step` between the kernels,
-# in two `replayed` calls.
+# The per-variable scalar maths between the kernels, in two `replayed` calls.
 def _scale_and_check(sums, sizes, scalars, epsilon):
     # `maths.curvature_scale` and `maths.is_finite_step`: `(c, is_finite)`.
     c, sum_v_hat_eps = maths.curvature_scale(sums, sizes, scalars, epsilon)
@@ -277,15 +248,12 @@ def _scale_and_check(sums, sizes, scalars, epsilon):
 
 
 def _applied_totals(predicted_sums, scalars, is_finite, sum_vectors, sums):
-    # `maths.predicted_reduction` where a sum reads it, then the controller's
-    # sums over the applied steps only (`maths.finite_or_zero`), as float32
-    # totals.
+    # `maths.predicted_reduction` where a sum reads it, then the float32 totals
+    # over the applied steps only (`maths.finite_or_zero`).
     vectors = sum_vectors
     if predicted_sums:
         predicted = maths.predicted_reduction(*predicted_sums, scalars)
         vectors = tuple(predicted if s.left == maths.PREDICTED_REDUCTION else vector
                         for s, vector in zip(sums, sum_vectors))
-    return tuple(
-        torch.sum(maths.finite_or_zero(vector.to(torch.float32), is_finite))
-        for vector in vectors
-    )
+    return tuple(torch.sum(maths.finite_or_zero(vector.to(torch.float32), is_finite))
+                 for vector in vectors)

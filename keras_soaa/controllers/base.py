@@ -1,11 +1,9 @@
 """What a trust-region controller is: `Controller`, `Sum` and `Context`.
 
 A controller decides how SOAA's radius `d` moves (docs/algorithm.md,
-"Controllers"). It declares the totals it reads (`sums`) and its own
-scalars (`state`), and implements one pure function, `update`, in
-`keras.ops`. SOAA keeps the variables, computes the sums inside its step
-(only those declared), and calls `update`: after every step, or, for a
-controller with `needs_loss`, after every observed loss.
+"Controllers"): it declares the totals it reads (`sums`) and its own scalars
+(`state`), and implements one pure `keras.ops` function, `update`, which SOAA
+calls after every step, or, with `needs_loss`, after every observed loss.
 """
 
 import json
@@ -15,10 +13,7 @@ from typing import NamedTuple
 from keras import ops
 
 from keras_soaa import validation
-from keras_soaa.maths import PREDICTED_REDUCTION
-
-__all__ = ["PREDICTED_REDUCTION", "Context", "Controller", "LogRadiusController",
-           "Sum", "masked_average"]
+from keras_soaa.maths import PREDICTED_REDUCTION as PREDICTED_REDUCTION
 
 
 class Sum(NamedTuple):
@@ -92,8 +87,7 @@ class Controller:
         """Creates the controller from `get_config()`."""
         return cls(**config)
 
-    # Equal configurations are equal controllers: compiled steps are keyed
-    # by the controller.
+    # Equal configurations are equal controllers: compiled steps key on them.
     def __eq__(self, other):
         return type(self) is type(other) and self.get_config() == other.get_config()
 

@@ -30,10 +30,8 @@ def register(name: str):
             )
         cls.name = name
         _CONTROLLERS[name] = cls
-        # Also for Keras: a controller with its own config saves and loads.
         return keras.saving.register_keras_serializable(
-            package="keras_soaa.controllers", name=name
-        )(cls)
+            package="keras_soaa.controllers", name=name)(cls)
 
     return decorate
 
@@ -64,15 +62,13 @@ def get(identifier) -> Controller:
     registered = ", ".join(map(repr, _CONTROLLERS))
     raise ValueError(
         f"Argument `controller` must be one of {registered} or a "
-        "`keras_soaa.controllers.Controller`. "
-        f"Received: controller={identifier!r}"
+        f"`keras_soaa.controllers.Controller`. Received: controller={identifier!r}"
     )
 
 
 def serialize(controller: Controller):
     """The controller's name if that recreates it, else its Keras config."""
-    if _CONTROLLERS.get(controller.name) is type(controller) and (
-        controller == type(controller)()
-    ):
+    cls = type(controller)
+    if _CONTROLLERS.get(controller.name) is cls and controller == cls():
         return controller.name
     return keras.saving.serialize_keras_object(controller)
