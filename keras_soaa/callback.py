@@ -221,14 +221,15 @@ def _hands_over_in_step(model) -> bool:
     Where it runs one compiled step per execution (right after it, the
     hand-over sees what it would after the batch): JAX, also under a
     `keras.distribution`, and TensorFlow without a strategy (a replica would
-    read per-replica loss sums).
+    read per-replica loss sums). Not under Flax NNX, where Keras compiles the
+    class's `train_step`, not the one set on the model for the hand-over.
     """
     backend = keras.backend.backend()
     if (backend not in ("tensorflow", "jax") or model.run_eagerly
             or model.steps_per_execution != 1):
         return False
     if backend == "jax":
-        return True
+        return not keras.config.is_nnx_enabled()
     import tensorflow as tf
 
     return (not tf.distribute.has_strategy()

@@ -428,3 +428,35 @@ def test_fit_within_total_steps_does_not_warn():
         warnings.simplefilter("error", UserWarning)
         model.fit(x, x[:, :1], batch_size=4, epochs=3, verbose=0,
                   callbacks=[TrustRegionCallback()])
+
+
+NNX_SCRIPT = """
+import numpy as np, keras, keras_soaa
+assert keras.config.is_nnx_enabled()
+x = np.random.default_rng(0).normal(size=(256, 8)).astype("float32")
+model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
+                          keras.layers.Dense(1)])
+model.compile(optimizer=keras_soaa.presets.recommended(3e-3, total_steps=32),
+              loss="mse")
+history = model.fit(x, 2 * x[:, :1], batch_size=32, epochs=4, verbose=0,
+                    callbacks=[keras_soaa.TrustRegionCallback()])
+assert float(keras.ops.convert_to_numpy(model.optimizer.loss_count)) == 32
+assert len(set(history.history["radius"])) > 1
+assert history.history["loss"][-1] < history.history["loss"][0]
+"""
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="Flax NNX runs on JAX")
+def test_fit_under_flax_nnx_feeds_every_batch_loss():
+    """With `KERAS_NNX_ENABLED` Keras compiles the class's train step: the
+    loss is handed over after each batch instead (a fresh process: NNX is
+    chosen when Keras is imported)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("flax")
+    env = dict(os.environ, KERAS_BACKEND="jax", KERAS_NNX_ENABLED="true")
+    result = subprocess.run([sys.executable, "-c", NNX_SCRIPT], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
