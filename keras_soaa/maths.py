@@ -104,17 +104,17 @@ def curvature_sums(new_m, new_v) -> CurvatureSums:
     `new_v` leaves them non-finite, and the step is skipped.
     """
     m, v = ops.reshape(new_m, (-1,)), ops.reshape(new_v, (-1,))
-    rows = (
-        ops.square(m), v, ops.square(ops.multiply(m, OVERFLOW_SCALE)),
-        # `* S` twice, never `* S**2`: subnormal, which XLA on CPU flushes.
-        ops.multiply(ops.multiply(v, OVERFLOW_SCALE), OVERFLOW_SCALE),
-    )
+    # `sum(v * S) * S`: `v * S * S` would be folded by XLA into `v * S**2`,
+    # subnormal, which XLA on CPU flushes to 0.
+    rows = (ops.square(m), v, ops.square(ops.multiply(m, OVERFLOW_SCALE)),
+            ops.multiply(v, OVERFLOW_SCALE))
     if keras.backend.backend() == "torch":  # eager: the rows one by one
         plain_m, plain_v, scaled_m, scaled_v = map(ops.sum, rows)
     else:
         # One reduction of four rows: XLA fuses it into one pass, no rows made.
         plain_m, plain_v, scaled_m, scaled_v = ops.unstack(
             ops.sum(ops.stack(rows), axis=1))
+    scaled_v = ops.multiply(scaled_v, OVERFLOW_SCALE)
     plain = ops.logical_and(ops.isfinite(plain_m), ops.isfinite(plain_v))
     return CurvatureSums(
         ops.where(plain, plain_m, scaled_m),
