@@ -3,21 +3,30 @@
     python benchmarks/speed.py [--backends tensorflow,jax,torch] [--quick]
     python benchmarks/speed.py --models small   # the callback's per-batch cost
 
-Prints, and writes as markdown (default `benchmarks/results/speed.md`), a
-table of backend x mode x model: ms/step of Adam and of SOAA +
-`TrustRegionCallback` in `fit`, their ratio, the optimizer state bytes and
-each fit's peak resident memory; and a table of `optimizer.apply` alone on a
-large set of variables (compiled where the backend compiles). Each backend
-runs in its own process, each peak-memory figure in one of its own. Adam and
-SOAA are timed alternately, epoch by epoch, keeping the median of the
-repeats, so both see the same load; timing processes keep big allocations
-on glibc's heap (`HEAP_MALLOC`; `--system-malloc`: the defaults).
+Three sides: Keras Adam, SOAA + `TrustRegionCallback`, and SOAA with the
+hypergradient controller (`SOAA(controller="hypergradient")`, no callback:
+"SOAA-HG"). Prints, and writes as markdown (default
+`benchmarks/results/speed.md`), a table of backend x mode x model: ms/step of
+each side in `fit`, SOAA's ratios to Adam, the optimizer state bytes and each
+fit's peak resident memory (MLP 784-1024-1024-10, batch 256); and a table of
+`optimizer.apply` alone on one variable of `--apply-params` parameters
+(compiled where the backend compiles). Each backend runs in its own process,
+each peak-memory figure in one of its own. The sides are timed alternately,
+epoch by epoch, keeping the median of the repeats, so all see the same load;
+timing processes keep big allocations on glibc's heap (`HEAP_MALLOC`;
+`--system-malloc`: the defaults).
 
-`--models small` times an MLP 64-128-128-10 and a logistic regression (batch
-64, `--small-steps` steps per timed epoch), where the per-batch work around
-the step dominates, in compiled `fit` (eager on torch) and in a custom loop
-(`custom loop`: gradients, `apply` and SOAA's `observe_loss` in one
-`tf.function` / `jax.jit` step, eager on torch); no memory or `apply` table.
+The small models (`mlp_small`, in the default run, and `--models small`,
+which adds a logistic regression) are an MLP 64-128-128-10 and a logistic
+regression, batch 64, `--small-steps` steps per timed epoch, trained with
+SOAA's preset `keras_soaa.presets.recommended(1e-3, total_steps)`: there the
+per-batch work around the step dominates. They run in compiled `fit` (eager
+on torch), in eager `fit` on JAX (`run_eagerly=True`, `--steps` steps per
+epoch, it is slow), and in a custom loop (`custom loop`: gradients, `apply`
+and SOAA's `observe_loss` in one `tf.function` / `jax.jit` step, eager on
+torch); on torch, `mlp_small` also counts the graph breaks and recompiles of
+`torch.compile` (`jit_compile=True`) over a few `fit` steps, each side in a
+fresh process. `--models small` alone writes no memory or `apply` table.
 """
 
 import argparse
@@ -32,6 +41,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 # The models of `--models small`: batch 64, timed over `--small-steps`.
 SMALL_MODELS = ("mlp_small", "logreg")
+# Adam, SOAA + TrustRegionCallback, SOAA with the hypergradient controller.
+SIDES = ("adam", "soaa", "soaa_hg")
+CONTROLLERS = {"soaa": "paper", "soaa_hg": "hypergradient"}
 MODES = {"tensorflow": ["compiled", "eager"], "jax": ["compiled"],
          "torch": ["eager"]}
 
@@ -39,7 +51,7 @@ MODES = {"tensorflow": ["compiled", "eager"], "jax": ["compiled"],
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--backends", default="tensorflow,jax,torch")
-    parser.add_argument("--models", default="mlp,transformer")
+    parser.add_argument("--models", default="mlp,mlp_small,transformer")
     parser.add_argument("--steps", type=int, default=20,
                         help="training steps per timed epoch")
     parser.add_argument("--small-steps", type=int, default=300,
@@ -47,6 +59,8 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--apply-params", type=float, default=50e6,
                         help="parameters in the optimizer.apply benchmark")
+    parser.add_argument("--apply-variables", type=int, default=1,
+                        help="variables sharing them")
     parser.add_argument("--output", help="default: benchmarks/results/"
                         "speed.md (speed_small.md for small models only)")
     parser.add_argument("--quick", action="store_true",
@@ -56,6 +70,7 @@ def parse_args(argv=None):
                         "(see HEAP_MALLOC)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
+    parser.add_argument("--compile-of", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.models = ",".join(",".join(SMALL_MODELS) if m == "small" else m
                            for m in args.models.split(","))
@@ -117,14 +132,22 @@ def make_data(input_shape, classes, batch, steps, is_sequence):
     return x, y
 
 
-def make_optimizer(name):
+def make_optimizer(name, total_steps=None):
+    """A side's optimizer and callbacks: Adam, or SOAA with the side's
+    controller (the preset `recommended` given `total_steps`); the paper's
+    controller is fed by `TrustRegionCallback`, the hypergradient needs none."""
     import keras
 
     import keras_soaa
 
     if name == "adam":
         return keras.optimizers.Adam(1e-3), []
-    return keras_soaa.SOAA(1e-3), [keras_soaa.TrustRegionCallback()]
+    controller = CONTROLLERS[name]
+    optimizer = (keras_soaa.SOAA(1e-3, controller=controller)
+                 if total_steps is None else keras_soaa.presets.recommended(
+                     1e-3, total_steps, controller=controller))
+    return optimizer, ([keras_soaa.TrustRegionCallback()]
+                       if controller == "paper" else [])
 
 
 def epoch_timer():
@@ -157,14 +180,18 @@ def state_bytes(optimizer):
 
 
 def time_fit(model_name, mode, args):
-    """Median ms/step of Adam and of SOAA + callback, timed alternately."""
+    """Median ms/step of each side in `fit`, timed alternately."""
+    import keras
+
     small = model_name in SMALL_MODELS
     batch = 64 if small else 32 if args.quick else 256
-    steps = args.small_steps if small else args.steps
+    steps = (args.small_steps if small and not (
+        mode == "eager" and keras.backend.backend() == "jax") else args.steps)
     runs = {}
-    for opt_name in ("adam", "soaa"):
+    for opt_name in SIDES:
         model, loss, input_shape, classes = make_model(model_name, args.quick)
-        optimizer, callbacks = make_optimizer(opt_name)
+        optimizer, callbacks = make_optimizer(
+            opt_name, steps * (args.repeats + 1) if small else None)
         model.compile(optimizer=optimizer, loss=loss,
                       run_eagerly=(mode == "eager"),
                       jit_compile=(mode == "compiled"))
@@ -175,7 +202,7 @@ def time_fit(model_name, mode, args):
         model.fit(x, y, batch_size=batch, epochs=1, verbose=0,
                   callbacks=callbacks)  # warm-up: tracing and compilation
     for _ in range(args.repeats):
-        for opt_name in ("adam", "soaa"):
+        for opt_name in SIDES:
             model, x, y, callbacks, _ = runs[opt_name]
             model.fit(x, y, batch_size=batch, epochs=1, verbose=0,
                       shuffle=False, callbacks=callbacks)
@@ -256,18 +283,16 @@ def custom_loop_step(model, loss_fn, optimizer, observe):
 
 def time_custom_loop(model_name, args):
     """Median ms/step of a custom loop (`custom_loop_step`), timed
-    alternately: Adam's `apply` against SOAA's `apply` + `observe_loss`."""
+    alternately: Adam's `apply` against SOAA's `apply` (+ `observe_loss` for
+    the paper's controller)."""
     import keras
     import numpy as np
 
-    import keras_soaa
-
     batch, steps = 64, args.small_steps
     runs = {}
-    for opt_name in ("adam", "soaa"):
+    for opt_name in SIDES:
         model, _, input_shape, classes = make_model(model_name, args.quick)
-        optimizer = (keras.optimizers.Adam(1e-3) if opt_name == "adam"
-                     else keras_soaa.SOAA(1e-3, total_steps=10_000))
+        optimizer, _ = make_optimizer(opt_name, steps * (args.repeats + 1))
         optimizer.build(model.trainable_variables)
         loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         step = custom_loop_step(model, loss_fn, optimizer, opt_name == "soaa")
@@ -278,7 +303,7 @@ def time_custom_loop(model_name, args):
         step(*batches[0])  # warm-up: tracing and compilation
         runs[opt_name] = (step, batches, optimizer, [])
     for _ in range(args.repeats):
-        for opt_name in ("adam", "soaa"):
+        for opt_name in SIDES:
             step, batches, _, seconds = runs[opt_name]
             start = time.perf_counter()
             for x, y in batches:
@@ -293,24 +318,26 @@ def time_custom_loop(model_name, args):
 
 
 def time_apply(args):
-    """Median ms of `optimizer.apply` on `--apply-params` parameters."""
+    """Median ms of `optimizer.apply` on `--apply-params` parameters in
+    `--apply-variables` variables."""
     import keras
     import numpy as np
 
     import keras_soaa
 
     backend = keras.backend.backend()
-    count = 10
+    count = args.apply_variables
     size = int(args.apply_params / count) if not args.quick else 10_000
     rng = np.random.default_rng(0)
     grads_np = [rng.normal(size=(size,)).astype("float32")
                 for _ in range(count)]
-    result, order, steps = {}, ("adam", "soaa"), {}
+    result, order, steps = {}, SIDES, {}
     for name in order:
         variables = [keras.Variable(np.zeros(size, "float32"))
                      for _ in range(count)]
         optimizer = (keras.optimizers.Adam() if name == "adam"
-                     else keras_soaa.SOAA(total_steps=1000))
+                     else keras_soaa.SOAA(total_steps=1000,
+                                          controller=CONTROLLERS[name]))
         optimizer.build(variables)
         grads = [keras.ops.convert_to_tensor(g) for g in grads_np]
         if backend == "tensorflow":
@@ -351,7 +378,7 @@ def time_apply(args):
             timings[name].append(time.perf_counter() - start)
     for name in order:
         result[name] = 1000 * statistics.median(timings[name])
-    result["params"] = size * count
+    result["params"], result["variables"] = size * count, count
     return result
 
 
@@ -377,16 +404,19 @@ def worker(args):
         if model_name in SMALL_MODELS:
             # The per-batch overhead that matters: compiled `fit`, and a
             # custom loop that feeds SOAA with `observe_loss`.
+            # Eager `fit` on JAX (the Quickstart's first run) for the MLP.
             modes = [m for m in modes if m != "eager" or backend == "torch"]
+            if backend == "jax" and model_name == "mlp_small":
+                modes = [*modes, "eager"]
             modes = [*modes, "custom loop"]
         for mode in modes:
             row = (time_custom_loop(model_name, args) if mode == "custom loop"
                    else time_fit(model_name, mode, args))
             row.update(model=model_name, mode=mode)
             out["fit"].append(row)
-            print(f"  {backend} {mode} {model_name}: adam {row['adam']:.2f} "
-                  f"ms/step, soaa {row['soaa']:.2f} ms/step", file=sys.stderr,
-                  flush=True)
+            print(f"  {backend} {mode} {model_name}: " + ", ".join(
+                f"{side} {row[side]:.2f}" for side in SIDES) + " ms/step",
+                file=sys.stderr, flush=True)
     if not only_small(args):
         out["apply"] = time_apply(args)
     print(json.dumps(out))
@@ -405,6 +435,33 @@ def memory_worker(args):
               callbacks=callbacks)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"peak_rss_mb": peak}))
+
+
+def compile_worker(args):
+    """Graph breaks and recompiles of `torch.compile` (`jit_compile=True`) in
+    a fresh process: two epochs of 4 steps of the small MLP, one side."""
+    import torch
+    from torch._dynamo.utils import (
+        clear_compilation_metrics,
+        counters,
+        get_compilation_metrics,
+    )
+
+    model, loss, input_shape, classes = make_model("mlp_small", args.quick)
+    optimizer, callbacks = make_optimizer(args.compile_of, 8)
+    x, y = make_data(input_shape, classes, 16, 4, False)
+    torch.compiler.reset()
+    counters.clear()
+    clear_compilation_metrics()
+    model.compile(optimizer=optimizer, loss=loss, jit_compile=True)
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=callbacks)
+    print(json.dumps({
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "reasons": sorted({r.split("\n")[0] for r in counters["graph_break"]}),
+        "recompiles": sum(m.recompile_reason is not None
+                          for m in get_compilation_metrics()),
+        "graphs": counters["stats"]["unique_graphs"],
+        "ops": counters["stats"]["calls_captured"]}))
 
 
 # --- the driver --------------------------------------------------------------
@@ -428,32 +485,49 @@ def run_child(backend, extra, env_extra=None):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def sides(values, digits=0):
+    """`a / b / c`: one figure per side."""
+    return " / ".join(f"{values[side]:,.{digits}f}" for side in SIDES)
+
+
 def format_report(results):
     lines = ["| backend | mode | model | Adam ms/step | SOAA ms/step | ratio "
-             "| state bytes Adam / SOAA | peak RSS MB Adam / SOAA |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| SOAA-HG ms/step | ratio | state bytes Adam / SOAA / SOAA-HG "
+             "| peak RSS MB Adam / SOAA / SOAA-HG |", "|---" * 10 + "|"]
     for result in results:
         memory = result.get("memory")
         for row in result["fit"]:
-            peak = (f"{memory['adam']:.0f} / {memory['soaa']:.0f} "
-                    f"({memory['soaa'] / memory['adam'] - 1:+.1%})"
+            peak = (sides(memory) + f" ({memory['soaa'] / memory['adam'] - 1:+.1%}"
+                    f", {memory['soaa_hg'] / memory['adam'] - 1:+.1%})"
                     if row["model"] == "mlp" and memory else "")
             lines.append(
                 f"| {result['backend']} | {row['mode']} | {row['model']} "
                 f"| {row['adam']:.2f} | {row['soaa']:.2f} "
-                f"| {row['soaa'] / row['adam']:.3f} "
-                f"| {row['adam_state_bytes']:,} / {row['soaa_state_bytes']:,} "
-                f"| {peak} |")
+                f"| {row['soaa'] / row['adam']:.3f} | {row['soaa_hg']:.2f} "
+                f"| {row['soaa_hg'] / row['adam']:.3f} | " + sides(
+                    {s: row[f"{s}_state_bytes"] for s in SIDES}) + f" | {peak} |")
+    if compiled := [r for r in results if r.get("compile")]:
+        lines += ["", "`torch.compile` (`jit_compile=True`), two epochs of 4 "
+                  "steps of mlp_small, each side in a fresh process:", "",
+                  "| backend | graph breaks Adam / SOAA / SOAA-HG | recompiles "
+                  "| graphs | ops captured | break reasons |", "|---" * 6 + "|"]
+        for result in compiled:
+            c = result["compile"]
+            lines.append(f"| {result['backend']} | " + " | ".join(
+                sides({s: c[s][k] for s in SIDES}) for k in
+                ("graph_breaks", "recompiles", "graphs", "ops")) + " | " + "; "
+                .join(sorted({r for s in SIDES for r in c[s]["reasons"]})) + " |")
     if all(result["apply"] is None for result in results):
         return "\n".join(lines) + "\n"
     lines += ["", "`optimizer.apply` alone (compiled on TF and JAX, eager on "
               "torch):", "", "| backend | parameters | Adam ms | SOAA ms | "
-              "ratio |", "|---|---|---|---|---|"]
+              "ratio | SOAA-HG ms | ratio |", "|---" * 7 + "|"]
     for result in results:
         if (a := result["apply"]) is not None:
-            lines.append(f"| {result['backend']} | {a['params']:,} | "
-                         f"{a['adam']:.1f} | {a['soaa']:.1f} | "
-                         f"{a['soaa'] / a['adam']:.3f} |")
+            lines.append(f"| {result['backend']} | {a['params']:,} in "
+                         f"{a['variables']} | {a['adam']:.1f} | {a['soaa']:.1f}"
+                         f" | {a['soaa'] / a['adam']:.3f} | {a['soaa_hg']:.1f} "
+                         f"| {a['soaa_hg'] / a['adam']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -463,23 +537,30 @@ def main(argv=None):
         return worker(args)
     if args.memory_of:
         return memory_worker(args)
+    if args.compile_of:
+        return compile_worker(args)
     passthrough = [f"--models={args.models}", f"--steps={args.steps}",
                    f"--small-steps={args.small_steps}",
                    f"--repeats={args.repeats}",
                    f"--apply-params={args.apply_params}",
+                   f"--apply-variables={args.apply_variables}",
                    *(["--quick"] if args.quick else [])]
     results = []
     for backend in args.backends.split(","):
         print(f"[{backend}] timing fit and apply ...", flush=True)
         result = run_child(backend, ["--worker", backend, *passthrough],
                            None if args.system_malloc else HEAP_MALLOC)
-        if only_small(args):
-            results.append(result)
-            continue
-        result["memory"] = {name: run_child(
-            backend, ["--memory-of", name, *passthrough])["peak_rss_mb"]
-            for name in ("adam", "soaa")}
+        if backend == "torch" and "mlp_small" in args.models.split(","):
+            print("[torch] counting torch.compile's graph breaks ...",
+                  flush=True)
+            result["compile"] = {name: run_child(
+                backend, ["--compile-of", name, *passthrough])
+                for name in SIDES}
         results.append(result)
+        if not only_small(args):
+            result["memory"] = {name: run_child(
+                backend, ["--memory-of", name, *passthrough])["peak_rss_mb"]
+                for name in SIDES}
     report = format_report(results)
     print(report)
     output = Path(args.output)

@@ -34,8 +34,9 @@ from keras import ops
 # The operand of a controller's `Sum` that is the step's predicted reduction.
 PREDICTED_REDUCTION = "predicted_reduction"
 
-# `S` of the overflow guard: a power of two, so scaling by it is exact (if normal).
-OVERFLOW_SCALE = 2.0**-64
+# `S` of the overflow guard: a power of two, so scaling by it is exact where
+# the result is normal; `S**2` is normal in float32.
+OVERFLOW_SCALE = 2.0**-32
 
 # Largest finite 16-bit floats (updated in float32, rounded once at the end).
 LARGEST_FINITE = {"float16": 65504.0, "bfloat16": 3.3895313892515355e38}
@@ -54,7 +55,7 @@ class StepScalars(NamedTuple):
 class CurvatureSums(NamedTuple):
     """`sum(new_m**2) * scale` and `sum(new_v) * scale` of one variable.
 
-    `scale` is 1, or `OVERFLOW_SCALE**2` where the plain sums overflow.
+    `scale` is `OVERFLOW_SCALE**2` (`curvature_sums`).
     """
 
     sum_m_sq: object
@@ -95,33 +96,19 @@ def moments(m, v, gradient, beta_1: float, beta_2: float):
 
 
 def curvature_sums(new_m, new_v) -> CurvatureSums:
-    """Returns `sum(new_m**2)` and `sum(new_v)`, rescaled if one overflows.
+    """Returns `sum(new_m**2)` and `sum(new_v)`, both scaled by `S**2`.
 
-    docs/algorithm.md, "Overflow guard". The plain sums and those of the
-    elements scaled by `S = OVERFLOW_SCALE` are taken in one pass, no branch;
-    the plain ones are kept where both are finite (the ratio `c` needs is the
-    same). The scaled sums are finite whenever `new_v` is; a non-finite
-    `new_v` leaves them non-finite, and the step is skipped.
+    docs/algorithm.md, "Overflow guard". `S = OVERFLOW_SCALE`, a power of
+    two: the terms `(new_m * S)**2` and `new_v * S**2` are the plain ones
+    scaled exactly (where they stay normal), so `c` is the plain sums' ratio
+    to the last bit, with no branch and no extra pass; and every term of the
+    `v` sum is below 2e19, so, with `beta_1 <= beta_2` (`m**2 <= v * (1 -
+    beta_1) / (1 - beta_2)`), neither sum overflows while `new_v` is finite.
     """
-    m, v = ops.reshape(new_m, (-1,)), ops.reshape(new_v, (-1,))
-    # `sum(v * S) * S`: `v * S * S` would be folded by XLA into `v * S**2`,
-    # subnormal, which XLA on CPU flushes to 0.
-    rows = (ops.square(m), v, ops.square(ops.multiply(m, OVERFLOW_SCALE)),
-            ops.multiply(v, OVERFLOW_SCALE))
-    if keras.backend.backend() == "torch":  # eager: the rows one by one
-        plain_m, plain_v, scaled_m, scaled_v = map(ops.sum, rows)
-    else:
-        # One reduction of four rows: XLA fuses it into one pass, no rows made.
-        plain_m, plain_v, scaled_m, scaled_v = ops.unstack(
-            ops.sum(ops.stack(rows), axis=1))
-    scaled_v = ops.multiply(scaled_v, OVERFLOW_SCALE)
-    plain = ops.logical_and(ops.isfinite(plain_m), ops.isfinite(plain_v))
     return CurvatureSums(
-        ops.where(plain, plain_m, scaled_m),
-        ops.where(plain, plain_v, scaled_v),
-        ops.where(plain, ops.ones((), new_v.dtype),
-                  ops.multiply(ops.full((), OVERFLOW_SCALE, new_v.dtype),
-                               OVERFLOW_SCALE)),
+        ops.sum(ops.square(ops.multiply(new_m, OVERFLOW_SCALE))),
+        ops.sum(ops.multiply(new_v, OVERFLOW_SCALE**2)),
+        ops.full((), OVERFLOW_SCALE**2, new_v.dtype),
     )
 
 

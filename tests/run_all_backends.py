@@ -6,7 +6,9 @@ Runs `ruff check`, then `tests/check_wheel.py` (the built wheel installs and
 trains on every backend), then `mkdocs build --strict` (the documentation site
 in docs/ builds with no broken link, anchor or API reference; the site goes to
 a temporary directory, not the repository), then `pytest` with `KERAS_BACKEND`
-set to tensorflow, jax and torch in turn, and ends with one summary line. Exits
+set to tensorflow, jax and torch in turn (its output streams through, a line
+per test file), with a line of passed, failed, skipped and error counts per
+backend, and ends with one summary line (failed there counts errors). Exits
 non-zero if the lint, the wheel check, the docs build or any backend fails (or
 runs no test).
 """
@@ -50,30 +52,38 @@ def main(pytest_args):
     if docs.returncode != 0:
         print("mkdocs build failed")
         return 1
-    passed = failed = 0
+    totals = dict.fromkeys(("passed", "failed", "skipped", "errors"), 0)
     failing = []
     for backend in BACKENDS:
         start = time.time()
         print(f"=== KERAS_BACKEND={backend}", flush=True)
-        env = dict(os.environ, KERAS_BACKEND=backend)
-        result = subprocess.run(
+        env = dict(os.environ, KERAS_BACKEND=backend, PYTHONUNBUFFERED="1")
+        # pytest's line per test file streams through as each file finishes.
+        with subprocess.Popen(
             [sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
              *pytest_args],
-            cwd=ROOT, env=env, capture_output=True, text=True,
-        )
-        print(result.stdout[-20000:], result.stderr[-5000:], sep="\n")
-        summary = result.stdout.strip().splitlines()[-1:] or [""]
-        backend_passed = count("passed", summary[0])
-        backend_failed = count("failed", summary[0]) + count("error", summary[0])
-        passed += backend_passed
-        failed += backend_failed
-        if result.returncode != 0 or backend_passed == 0:
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True,
+        ) as pytest:
+            last = ""
+            for line in pytest.stdout:
+                print(line, end="", flush=True)
+                last = line if line.strip() else last
+        counts = {
+            "passed": count("passed", last), "failed": count("failed", last),
+            "skipped": count("skipped", last), "errors": count("errors?", last),
+        }
+        for key, value in counts.items():
+            totals[key] += value
+        if pytest.returncode != 0 or counts["passed"] == 0:
             failing.append(backend)
-        print(f"=== {backend}: {backend_passed} passed, {backend_failed} "
-              f"failed in {time.time() - start:.0f}s", flush=True)
+        print(f"=== {backend}: " + ", ".join(f"{v} {k}" for k, v in counts.items())
+              + f" in {time.time() - start:.0f}s", flush=True)
     if failing:
         print(f"backends failing: {', '.join(failing)}")
-    print(f"all backends: {passed} passed, {failed} failed")
+    print(f"total: {totals['passed']} passed, "
+          f"{totals['failed'] + totals['errors']} failed, "
+          f"{totals['skipped']} skipped")
     return 1 if failing else 0
 
 

@@ -351,7 +351,9 @@ def test_the_benchmark_stands_apart_from_research_and_private_names():
         assert "research" not in text, path.name
         assert "keras.src" not in text and "_keras_internals" not in text
         if path.name != "memory_passes.py":  # names torch's `._foreach_*`
-            assert not re.findall(r"\.(_[a-z]\w*)", text), path.name
+            # speed.py counts torch.compile's graph breaks (`torch._dynamo`).
+            allowed = {"_dynamo"} if path.name == "speed.py" else set()
+            assert not set(re.findall(r"\.(_[a-z]\w*)", text)) - allowed, path.name
     # SOAA is built in the optimizer table only.
     for path in BENCHMARKS.glob("*.py"):
         if path.name not in ("optimizers.py", "speed.py", "memory_passes.py"):

@@ -68,3 +68,15 @@ def test_transformer_lm_learns():
     # Uniform guessing costs log(97) = 4.57 nats per character.
     assert held_out_loss < np.log(example.VOCAB_SIZE) - 0.5
     assert len(history.history["radius"]) == 10
+
+
+def test_keras_hub_lm_trains_with_soaa_and_adam():
+    pytest.importorskip("keras_hub")
+    example = load_example("keras_hub_lm")
+    losses = example.main(
+        steps=10, batch_size=8, seq_len=16, hidden_dim=32, layers=1, verbose=0
+    )
+    assert set(losses) == {"SOAA", "Adam"}
+    # Uniform guessing costs log(256) = 5.55 nats per byte.
+    for train_loss, held_out_loss in losses.values():
+        assert np.isfinite(train_loss) and held_out_loss < np.log(256) - 0.5

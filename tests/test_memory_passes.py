@@ -24,13 +24,16 @@ SHAPE = (512, 256)
 # SOAA's counts on Keras 3.15 (docs/performance.md); Adam's for scale. The
 # paper's controller reads the predicted reduction; the others do not pay
 # for it.
-SOAA_PASSES = {"jax": 24, "tensorflow": 28, "torch": 16}
+# TensorFlow counts 2 reads more than 0.4's 30 (the overflow guard's exact
+# power-of-two scaling is not fused into the reduction there); its `apply`
+# takes the same time (docs/performance.md).
+SOAA_PASSES = {"jax": 24, "tensorflow": 32, "torch": 16}
 # With `controller="hypergradient"` (its three sums over g and the previous
 # direction rebuilt from m and v).
-HYPERGRADIENT_PASSES = {"jax": 31, "tensorflow": 35, "torch": 20}
+HYPERGRADIENT_PASSES = {"jax": 31, "tensorflow": 39, "torch": 20}
 # With `controller="gradient_ratio"` (its two sums over g, m and the previous
 # direction).
-GRADIENT_RATIO_PASSES = {"jax": 29, "tensorflow": 33, "torch": 19}
+GRADIENT_RATIO_PASSES = {"jax": 29, "tensorflow": 37, "torch": 19}
 PINNED = {"paper": SOAA_PASSES, "hypergradient": HYPERGRADIENT_PASSES,
           "gradient_ratio": GRADIENT_RATIO_PASSES}
 ADAM_PASSES = {"jax": 10, "tensorflow": 10, "torch": 10}
