@@ -357,13 +357,16 @@ def test_jax_hand_over_needs_no_state_sync_per_batch():
     optimizer = SOAA(learning_rate=0.05)
     model = make_model(optimizer)
     syncs = []
-    sync = model.jax_state_sync
+    # Keras 3.16 names it `state_sync` (`jax_state_sync` an alias); 3.15
+    # has only `jax_state_sync`.
+    name = "state_sync" if hasattr(model, "state_sync") else "jax_state_sync"
+    sync = getattr(model, name)
 
     def counting_sync():
         syncs.append(not model._jax_state_synced)  # True: a real sync
         sync()
 
-    model.jax_state_sync = counting_sync
+    setattr(model, name, counting_sync)
     recorder = FedLossRecorder()
     model.fit(x, y, batch_size=BATCH_SIZE, epochs=EPOCHS, shuffle=False,
               verbose=0, callbacks=[recorder])
