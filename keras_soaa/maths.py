@@ -1,4 +1,4 @@
-"""SOAA's arithmetic: pure `keras.ops` functions, one per quantity of the spec.
+"""SOAA's arithmetic: pure `keras.ops` functions, one per quantity of docs/algorithm.md.
 
 The leaf of the package: it imports nothing from `keras_soaa`. `SOAA.update_step`
 and the backend fast paths compute a step through it, in this order:

@@ -70,7 +70,7 @@ class _LossUpdate(NamedTuple):
 
 
 def _controller_variable(name):
-    # A property for a variable that the paper's controller (the spec's
+    # A property for a variable that the paper's controller (docs/algorithm.md's
     # public names) has; other controllers may not.
     def get(self):
         variables = self.controller_state()

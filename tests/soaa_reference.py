@@ -137,7 +137,7 @@ class ReferenceSOAA:
                 self.beta_1 * self.loss_average + (1 - self.beta_1) * loss
             )
             if k == 1:
-                corrected = loss  # the spec: "on the first observation, = loss"
+                corrected = loss  # docs/algorithm.md: "= ℓ exactly when k = 1"
             else:
                 corrected = self.loss_average / (1 - self.beta_1**k)
             rho = (corrected - loss) / max(

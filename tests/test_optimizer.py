@@ -1,4 +1,4 @@
-"""SOAA's update step and controller against the NumPy reference of the spec."""
+"""SOAA's update step and controller against the NumPy reference (docs/algorithm.md)."""
 
 import keras
 import numpy as np
