@@ -7,32 +7,31 @@
         [--optimizers a,b | all] [--seeds N] [--steps N] [--lrs 1e-3,1e-2]
         [--backend jax] [--out DIR [--overwrite]] [--merge DIR] [--no-reuse]
 
-It ends by printing its verdict: the recommended SOAA (`soaa_cosine`, which
-is `keras_soaa.presets.recommended`: the paper's controller with a cosine
-decay of the rate to 0) against the best peer of each problem (the best of
-tuned Adam, Adam + cosine and ScheduleFreeAdamW): its worst ratio of final
-training loss to the best peer's, the problems it wins, ties and loses, and
-where the report is.
+It ends with its verdict: the recommended SOAA (`soaa_cosine`, which is
+`keras_soaa.presets.recommended`: the paper's controller, cosine decay of the
+rate to 0) against each problem's best peer (of tuned Adam, Adam + cosine and
+ScheduleFreeAdamW): its worst ratio of final training loss to the best peer's,
+the problems it wins, ties and loses, and where the report is.
 
-Three modes, listed at the end (times: 2 CPU cores, JAX); an explicit
-option overrides the mode's. Sets: calibration (the six problems SOAA's
-configurations were chosen on), held_out (seven others, never tuned on) or
-all (reported apart); `--problems` names problems of either set.
+Three modes, listed at the end (times: 2 CPU cores, JAX); an explicit option
+overrides the mode's. Sets: calibration (the six problems SOAA's configurations
+were chosen on), held_out (seven others, never tuned on) or all (reported
+apart); `--problems` names problems of either set.
 
-Fair by construction: every optimizer gets a problem's rate grid, seeds (a
-seed fixes the initial weights and the batch order) and steps, in
-`model.fit` (SOAA with `TrustRegionCallback`), and keeps the rate with the
-lowest mean final training loss (the mean of the last 10% of steps). Each
-run copies fresh weights and optimizer state into a model compiled once per
-(problem, optimizer), or per rate if scheduled (`--no-reuse`: per run).
+Fair by construction: every optimizer gets a problem's rate grid, seeds
+(initial weights, batch order) and steps, in `model.fit` (SOAA with
+`TrustRegionCallback`), and keeps the rate of lowest mean final training loss
+(the mean of the last 10% of steps). Runs copy fresh weights and optimizer
+state into a model compiled once per (problem, optimizer), or per rate if
+scheduled (`--no-reuse`: per run).
 
-Optimizers: the rows of `optimizers.OPTIMIZERS`; problems: those of
-`problems.PROBLEMS`. Writes to a new `runs/benchmark/<mode>[-<set>]-<time>/`
-(the set named unless calibration) or to `--out DIR` (refused if it holds
-results, unless `--overwrite`): `report.md` (verdict, tables, worst case per
-optimizer), a PNG per problem and `results.json` (every run's curves;
-`python benchmarks/report.py DIR` redraws the report). `--merge DIR` adds a
-previous run's optimizers (same problems, seeds and grids).
+Optimizers: the rows of `optimizers.OPTIMIZERS`; problems: `problems.PROBLEMS`.
+Writes to a new `runs/benchmark/<mode>[-<set>]-<time>/` (the set named unless
+calibration) or `--out DIR` (refused if it holds results, unless
+`--overwrite`): `report.md` (verdict, tables, worst case per optimizer), a PNG
+per problem and `results.json` (every run's curves; `python
+benchmarks/report.py DIR` redraws the report). `--merge DIR` adds a previous
+run's optimizers (same problems, seeds and grids).
 """
 
 import argparse
@@ -46,8 +45,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 QUICK_STEPS = 10
-# The default mode's problems: an Adam run expected to take at most this
-# many seconds (`Problem.expected_s`).
+# The default mode's problems: an Adam run expected to take at most this many
+# seconds (`Problem.expected_s`).
 FAST_RUN_S = 1.0
 # Each run writes to a new `<mode>[-<set>]-<time>` folder in here.
 RUNS = os.path.join("runs", "benchmark")
@@ -74,13 +73,12 @@ MODES = {
                      "schedulefree"), 3, None, "full"),
     "full": Mode("the results tables, about 20 min on the calibration set "
                  "(40 held-out)", "all",
-                 ("soaa", "soaa_cosine", "soaa_hd", "soaa_hd_cosine",
-                  "soaa_gr", "soaa_gr_cosine", "adam", "adam_cosine",
-                  "schedulefree"), 3, None, "full"),
-    "quick": Mode("a smoke run, 1 to 2 min per set (its numbers mean "
-                  "nothing)", "all",
-                  ("soaa_cosine", "soaa", "adam", "schedulefree"), 1,
-                  QUICK_STEPS, "middle"),
+                 ("soaa", "soaa_cosine", "soaa_hd", "soaa_hd_cosine", "soaa_gr",
+                  "soaa_gr_cosine", "adam", "adam_cosine", "schedulefree"),
+                 3, None, "full"),
+    "quick": Mode("a smoke run, 1 to 2 min per set (its numbers mean nothing)", "all",
+                  ("soaa_cosine", "soaa", "adam", "schedulefree"), 1, QUICK_STEPS,
+                  "middle"),
 }
 
 
@@ -97,8 +95,7 @@ def modes_text():
                 + ("each problem's grid" if mode.grid == "full"
                    else "the two middle rates of each grid") + ".")
         lines.append(textwrap.fill(text, 79, initial_indent=f"  {flag}: ",
-                                   subsequent_indent="      ",
-                                   break_on_hyphens=False))
+                                   subsequent_indent="      ", break_on_hyphens=False))
     return "\n".join(lines)
 
 
@@ -108,30 +105,28 @@ def parse_args(argv=None):
         formatter_class=argparse.RawDescriptionHelpFormatter)
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--quick", action="store_true", help="the smoke run")
-    which.add_argument("--full", action="store_true",
-                       help="every problem of the set, every optimizer of "
-                       "the results tables")
-    parser.add_argument("--set", default="calibration", dest="problem_set",
-                        choices=("calibration", "held_out", "all"),
-                        help="the problem set (default: calibration)")
-    parser.add_argument("--problems", help="comma-separated names of either "
-                        "set, or 'all' (every one of --set)")
-    parser.add_argument("--optimizers", help="comma-separated rows of "
-                        "optimizers.OPTIMIZERS, or 'all'")
-    parser.add_argument("--backend", help="tensorflow, jax or torch "
-                        "(default: $KERAS_BACKEND, else jax)")
-    parser.add_argument("--seeds", type=int, help="number of seeds")
-    parser.add_argument("--steps", type=int, help="steps of every problem")
-    parser.add_argument("--lrs", help="comma-separated learning rates for "
-                        "every problem (default: each problem's grid)")
-    parser.add_argument("--out", help="output folder (default: a new one "
-                        f"under {RUNS}); refused if it holds results")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="let --out replace the results there")
-    parser.add_argument("--merge", help="a previous run's folder: its runs of "
-                        "the optimizers not run now join this report")
-    parser.add_argument("--no-reuse", dest="reuse", action="store_false",
-                        help="compile a new model for every run")
+    which.add_argument("--full", action="store_true", help="every problem of the "
+                       "set, every optimizer of the results tables")
+    add = parser.add_argument
+    add("--set", default="calibration", dest="problem_set",
+        choices=("calibration", "held_out", "all"),
+        help="the problem set (default: calibration)")
+    add("--problems", help="comma-separated names of either set, or 'all' (every "
+        "one of --set)")
+    add("--optimizers", help="comma-separated rows of optimizers.OPTIMIZERS, or 'all'")
+    add("--backend", help="tensorflow, jax or torch (default: $KERAS_BACKEND, else "
+        "jax)")
+    add("--seeds", type=int, help="number of seeds")
+    add("--steps", type=int, help="steps of every problem")
+    add("--lrs", help="comma-separated learning rates for every problem (default: "
+        "each problem's grid)")
+    add("--out", help=f"output folder (default: a new one under {RUNS}); refused if "
+        "it holds results")
+    add("--overwrite", action="store_true", help="let --out replace the results there")
+    add("--merge", help="a previous run's folder: its runs of the optimizers not run "
+        "now join this report")
+    add("--no-reuse", dest="reuse", action="store_false",
+        help="compile a new model for every run")
     args = parser.parse_args(argv)
     args.mode = "quick" if args.quick else "full" if args.full else "default"
     mode = MODES[args.mode]
@@ -159,8 +154,7 @@ def select_backend(requested):
 
 
 def chosen_problems(args):
-    """`--problems` (either set; `all`: every one of `--set`), else the
-    mode's within `--set`."""
+    """`--problems` (either set; `all`: all of `--set`), else the mode's in `--set`."""
     import problems
 
     pool = problems.in_set(args.problem_set)
@@ -201,16 +195,14 @@ def refuse_overwrite(args):
 
 
 def output_folder(args, root=RUNS, now=None, problem_set=None):
-    """`--out` (checked by `refuse_overwrite`), else a new folder
-    `root/<mode>[-<set>]-<YYYYmmdd-HHMMSS>[-k]` (the set named unless it is
-    calibration), created empty."""
+    """`--out` (checked by `refuse_overwrite`), else a new empty folder
+    `root/<mode>[-<set>]-<YYYYmmdd-HHMMSS>[-k]` (the set named unless calibration)."""
     if args.out is not None:
         refuse_overwrite(args)
         os.makedirs(args.out, exist_ok=True)
         return args.out
     problem_set = problem_set or args.problem_set
-    prefix = args.mode + ("" if problem_set == "calibration"
-                          else f"-{problem_set}")
+    prefix = args.mode + ("" if problem_set == "calibration" else f"-{problem_set}")
     base = os.path.join(root, prefix + time.strftime("-%Y%m%d-%H%M%S",
                                                      time.localtime(now)))
     folder, k = base, 1
@@ -242,8 +234,8 @@ def merge_previous(results, config, folder):
     added = []
     for name, entry in results.items():
         if previous.get(name, {}).get("problem") != entry["problem"]:
-            raise SystemExit(f"--merge: {folder} has no problem {name!r} "
-                             "as this run has it")
+            raise SystemExit(f"--merge: {folder} has no problem {name!r} as this run "
+                             "has it")
         old = previous[name]["runs"]
         added = [o for o in old if o not in entry["runs"]]
         entry["runs"] = {**{o: old[o] for o in added}, **entry["runs"]}
@@ -268,10 +260,8 @@ def main(argv=None):
         load_previous(args.merge, seeds)
     covered = problems.covered_set(names)
     selected = [problems.get(name, args.steps, args.quick) for name in names]
-    grids = {p.name: args.lrs or (p.lrs[max(0, len(p.lrs) // 2 - 1):
-                                         len(p.lrs) // 2 + 1]
-                                  if args.middle_grid else p.lrs)
-             for p in selected}
+    grids = {p.name: args.lrs or (p.lrs[max(0, len(p.lrs) // 2 - 1):len(p.lrs) // 2 + 1]
+                                  if args.middle_grid else p.lrs) for p in selected}
     weights = [w for p in selected for o in optimizer_names
                for w in runner.weights(p, o, grids[p.name], seeds, args.reuse)]
     progress = runner.Progress(sum(weights), len(weights))
@@ -280,9 +270,8 @@ def main(argv=None):
         + " ".join(sys.argv[1:] if argv is None else argv),
         "mode": args.mode, "set": covered, "backend": backend,
         "versions": runner.versions(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
-        "seeds": seeds, "optimizers": optimizer_names, "reuse": args.reuse,
-        "quick": args.quick,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "seeds": seeds,
+        "optimizers": optimizer_names, "reuse": args.reuse, "quick": args.quick,
     }
     out = output_folder(args, problem_set=covered)
     print(f"{args.mode} mode, {covered} set: {len(weights)} runs on {backend} "
@@ -306,8 +295,7 @@ def main(argv=None):
         json.dump({"config": config, "results": results}, file)
     report.write(results, config, out)
     print(f"\ndone in {config['minutes']:.1f} min"
-          + (" (a --quick smoke run: its numbers mean nothing)"
-             if args.quick else ""))
+          + (" (a --quick smoke run: its numbers mean nothing)" if args.quick else ""))
     for set_name in ("calibration", "held_out"):
         part = {p: report.summarize(e) for p, e in results.items()
                 if e["problem"]["set"] == set_name}

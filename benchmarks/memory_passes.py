@@ -19,10 +19,9 @@ import re
 
 _SHAPE = re.compile(r"\b[a-z]+\d*\[([\d,]*)\]")
 _INSTRUCTION = re.compile(
-    r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\((.*)$"
-)
-# Instructions that only name values (no loop over memory), and
-# `conditional`, whose branches run only when taken (SOAA's rescaled sums).
+    r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\((.*)$")
+# Instructions that only name values (no loop over memory), and `conditional`,
+# whose branches run only when taken (SOAA's rescaled sums).
 _NO_PASS = {"parameter", "tuple", "get-tuple-element", "constant", "bitcast",
             "conditional"}
 # torch ops that make views or no-op casts, not passes over memory.
@@ -40,12 +39,9 @@ def entry_computation(hlo_text):
     """The instruction lines of the ENTRY computation of an HLO module."""
     lines = hlo_text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("ENTRY"))
-    body = []
-    for line in lines[start + 1:]:
-        if line.startswith("}"):
-            break
-        body.append(line)
-    return body
+    body = lines[start + 1:]
+    return body[:next((i for i, line in enumerate(body) if line.startswith("}")),
+                      len(body))]
 
 
 def count_hlo_passes(hlo_text, size):
@@ -76,21 +72,18 @@ def jax_apply_hlo(optimizer, shape):
     optimizer.build(variables)
 
     def apply(optimizer_values, grads, values):
-        # The state comes back in the order it went in, as in `fit`'s train
-        # step: JAX pairs donated inputs with outputs of the same shape in
-        # order, and `stateless_apply` returns the weights first, which
-        # would send the new weights into `m`'s buffer (XLA then copies).
-        values, optimizer_values = optimizer.stateless_apply(
-            optimizer_values, grads, values
-        )
+        # The state comes back in the order it went in, as in `fit`'s train step:
+        # JAX pairs donated inputs with same-shaped outputs in order, and
+        # `stateless_apply` returns the weights first, which would send the new
+        # weights into `m`'s buffer (XLA then copies).
+        values, optimizer_values = optimizer.stateless_apply(optimizer_values, grads,
+                                                             values)
         return optimizer_values, values
 
     apply = jax.jit(apply, donate_argnums=(0, 2))
-    return apply.lower(
-        [v.value for v in optimizer.variables],
-        [np.ones(shape, "float32")],
-        [v.value for v in variables],
-    ).compile().as_text()
+    return apply.lower([v.value for v in optimizer.variables],
+                       [np.ones(shape, "float32")],
+                       [v.value for v in variables]).compile().as_text()
 
 
 def tensorflow_apply_hlo(optimizer, shape):
@@ -101,20 +94,16 @@ def tensorflow_apply_hlo(optimizer, shape):
 
     variables = [keras.Variable(np.ones(shape, "float32"))]
     optimizer.build(variables)
-    apply = tf.function(
-        lambda grad: optimizer.apply([grad], variables), jit_compile=True
-    )
+    apply = tf.function(lambda grad: optimizer.apply([grad], variables),
+                        jit_compile=True)
     grad = tf.ones(shape)
     return apply.experimental_get_compiler_ir(grad)(stage="optimized_hlo")
 
 
 def torch_full_size_kernels(optimizer, shape):
-    """Top-level torch kernels of one eager `apply` touching full-size arrays.
-
-    A `torch._foreach_*` call on one variable counts once (its inputs are
-    lists, whose shapes the profiler does not record); any other kernel
-    counts when one of its inputs has the variable's number of elements.
-    """
+    """Top-level torch kernels of one eager `apply` touching full-size arrays: a
+    `torch._foreach_*` call counts once (the profiler records no shapes of its
+    list inputs), any other when an input has the variable's element count."""
     import keras
     import numpy as np
     import torch
@@ -132,20 +121,16 @@ def torch_full_size_kernels(optimizer, shape):
             continue
         if parent is not None and parent.name.startswith("aten::"):
             continue  # a kernel inside another: counted with its caller
-        if "_foreach_" in event.name or any(
-            s and not isinstance(s[0], list) and math.prod(s) == size
-            for s in event.input_shapes
-        ):
+        if "_foreach_" in event.name or any(s and not isinstance(s[0], list)
+                                            and math.prod(s) == size
+                                            for s in event.input_shapes):
             count += 1
     return count
 
 
 def count_passes(backend, optimizer, shape):
-    """Passes over memory of one `apply` of `optimizer` on `backend`.
-
-    Returns the XLA reads + writes (TensorFlow, JAX) or the full-size kernel
-    count (torch); see the module docstring.
-    """
+    """Passes over memory of one `apply` of `optimizer` on `backend`: XLA reads +
+    writes (TensorFlow, JAX) or full-size kernels (torch); see the module docstring."""
     if backend == "torch":
         return torch_full_size_kernels(optimizer, shape)
     hlo_of = {"jax": jax_apply_hlo, "tensorflow": tensorflow_apply_hlo}[backend]

@@ -1,8 +1,8 @@
 """The optimizers the benchmark compares: one table, `OPTIMIZERS`, one row each.
 
-Every SOAA configuration is built here and nowhere else in the benchmark, so
-a change of SOAA's arguments is an edit of this file. Keras' optimizers run
-with their default arguments apart from the learning rate.
+Every SOAA configuration is built here and nowhere else, so a change of SOAA's
+arguments is an edit of this file. Keras' optimizers run at their defaults but
+the learning rate.
 """
 
 import dataclasses
@@ -14,12 +14,10 @@ import numpy as np
 
 import keras_soaa
 
-# The configuration the package recommends (`keras_soaa.presets.recommended`:
-# the paper's controller with a cosine decay of the rate to 0), chosen for
-# its worst case on the calibration set. The verdict is about it.
+# `keras_soaa.presets.recommended` (the paper's controller, cosine decay of the rate
+# to 0), chosen for its worst case on the calibration set. The verdict is about it.
 RECOMMENDED = "soaa_cosine"
-# The peers of the verdict and of the worst case: on each problem an
-# optimizer is compared with the best of these (tuned, those that ran).
+# Peers of the verdict and worst case: the best of these that ran (tuned) per problem.
 PEERS = ("adam", "adam_cosine", "schedulefree")
 
 
@@ -27,11 +25,10 @@ PEERS = ("adam", "adam_cosine", "schedulefree")
 class Optimizer:
     """One row: `make(learning_rate, steps, model)` builds the optimizer.
 
-    `steps` is the run's length (for schedules), `model` the compiled model
-    (Muon excludes its output layer). `schedule`: the rate is a schedule,
-    fixed at construction, so each rate compiles its own model.
-    `radius_bounds(steps)`: a SOAA row's bounds on the radius after each
-    step, `(lower, upper)` arrays, for the report's radius panel and shares.
+    `steps`: the run's length (for schedules); `model`: the compiled model (Muon
+    excludes its output layer). `schedule`: the rate is a schedule fixed at
+    construction, so each rate compiles its own model. `radius_bounds(steps)`: a
+    SOAA row's `(lower, upper)` radius bounds after each step, for the report.
     """
 
     name: str
@@ -54,9 +51,8 @@ def config(controller):
 
 
 def paper_bounds(steps):
-    """The paper controller's bounds after step t = 1..steps, as its
-    docstring states them: e = min(t − 1, T) / T, [(1 − γ)^e, 1 + γ^e]
-    (γ: its `radius_bound`; T = steps)."""
+    """The paper controller's bounds after step t = 1..steps, as its docstring
+    states: e = min(t − 1, T) / T, [(1 − γ)^e, 1 + γ^e] (γ: `radius_bound`)."""
     gamma = config("paper").get("radius_bound", 0.1)
     e = np.minimum(np.arange(steps), steps) / steps
     return (1 - gamma) ** e, 1 + gamma**e
@@ -72,8 +68,8 @@ def constant_bounds(controller):
 
 
 def muon(learning_rate, model):
-    """Muon, with the output layer's kernel (the last 2-D trainable variable)
-    given to its AdamW fallback, as its docstring advises."""
+    """Muon, the output kernel (last 2-D trainable variable) left to its AdamW
+    fallback, as its docstring advises."""
     matrices = [v for v in model.trainable_variables if len(v.shape) == 2]
     return keras.optimizers.Muon(
         learning_rate=learning_rate,

@@ -1,13 +1,11 @@
 """The benchmark's problems: small, real, offline, each a Keras model for `fit`.
 
-One table, `PROBLEMS`: every problem is one `Problem(...)` row, which holds
-everything about it (its set, data, model, loss, steps, learning-rate grid,
-held-out metric and expected cost). A seed fixes the initial weights and the
-batch order; the data itself is the same for every seed, optimizer and rate.
-
-Two sets: `calibration` (a controller's constants may be tuned on these six)
-and `held_out` (seven others, different in data and architecture, never
-looked at while tuning; an optimizer is judged on them).
+One table, `PROBLEMS`, of `Problem(...)` rows holding everything about each (set,
+data, model, loss, steps, rate grid, held-out metric, expected cost). A seed fixes
+the initial weights and batch order; the data is the same for every seed, optimizer
+and rate. Sets: `calibration` (six; a controller's constants may be tuned on them)
+and `held_out` (seven others, different in data and architecture, never looked at
+while tuning; an optimizer is judged on them).
 """
 
 import dataclasses
@@ -42,10 +40,8 @@ def predict(model, x):
 
 def accuracy(model, x, labels):
     logits = predict(model, x)
-    if logits.shape[-1] == 1:
-        predicted = (logits[:, 0] > 0).astype(labels.dtype)
-    else:
-        predicted = logits.argmax(-1)
+    predicted = ((logits[:, 0] > 0).astype(labels.dtype) if logits.shape[-1] == 1
+                 else logits.argmax(-1))
     return float(np.mean(predicted == labels.reshape(predicted.shape)))
 
 
@@ -85,15 +81,13 @@ def sparse_cross_entropy():
 class Problem:
     """One benchmark problem: a row of `PROBLEMS`.
 
-    `data()` returns `((x, y), (x_test, y_test))` (cache it); `model(seed)`
-    an uncompiled model (built right after `runner.seed_everything(seed)`);
-    `stream(x, y, seed, steps, batch_size)` the `(x, y)` of `steps` batches
-    in training order. `description` may name `{n_train}`, `{n_test}` (the
-    data's lengths, `{k_train}`, `{k_test}` in thousands) and `{epochs}`.
-    `step_ms`: Adam's milliseconds per step on 2 CPU cores (JAX), for the
-    ETA and for the default mode, which runs the problems whose Adam run
-    takes at most `compare.FAST_RUN_S`. `quick`: the problem `--quick`
-    runs instead (a smaller model), if any.
+    `data()` returns `((x, y), (x_test, y_test))` (cache it); `model(seed)` an
+    uncompiled model (built right after `runner.seed_everything(seed)`); `stream(x,
+    y, seed, steps, batch_size)` the `(x, y)` of `steps` batches in training order.
+    `description` may name `{n_train}`, `{n_test}` (`{k_train}`, `{k_test}` in
+    thousands) and `{epochs}`. `step_ms`: Adam's ms/step on 2 CPU cores (JAX), for
+    the ETA and the default mode (Adam runs of at most `compare.FAST_RUN_S`).
+    `quick`: the problem `--quick` runs instead (a smaller model), if any.
     """
 
     name: str
@@ -109,8 +103,8 @@ class Problem:
     stream: Callable = epoch_stream
     step_ms: float = 1.0
     exact_gradients: bool = False  # full-batch: curves plotted unsmoothed
-    # `fit`'s epochs: at most this many steps (it resets its loss tracker
-    # every epoch: the per-batch loss read from it stays accurate).
+    # `fit`'s epochs: at most this many steps (its loss tracker resets every epoch,
+    # so the per-batch loss read from it stays accurate).
     steps_per_epoch: int = 25
     quick: "Problem | None" = None
 
@@ -134,8 +128,7 @@ class Problem:
         return {
             "description": self.description.format(
                 n_train=n_train, n_test=n_test, k_train=n_train // 1000,
-                k_test=n_test // 1000,
-                epochs=self.steps * self.batch_size // n_train),
+                k_test=n_test // 1000, epochs=self.steps * self.batch_size // n_train),
             "steps": self.steps, "batch_size": self.batch_size,
             "lrs": list(learning_rates),
             "held_out_name": self.metric and self.metric.name,
@@ -162,8 +155,7 @@ def standardise(train, test):
 
 def stack(shape, *layers):
     """`seed -> Sequential`: an input of `shape`, then `layer()` of each."""
-    return lambda seed: keras.Sequential([keras.Input(shape)]
-                                         + [make() for make in layers])
+    return lambda seed: keras.Sequential([keras.Input(shape)] + [m() for m in layers])
 
 
 def dense(units, activation=None):
@@ -171,8 +163,7 @@ def dense(units, activation=None):
 
 
 def conv(filters):
-    return lambda: keras.layers.Conv2D(filters, 3, padding="same",
-                                       activation="relu")
+    return lambda: keras.layers.Conv2D(filters, 3, padding="same", activation="relu")
 
 
 # -- calibration data -------------------------------------------------------------
@@ -190,11 +181,10 @@ def breast_cancer_data():
 
 
 @functools.cache
-def quadratic_data(dim=100, n_train=4096, n_test=1024, condition=1e3,
-                   noise=0.1):
-    """Least squares, Hessian eigenvalues log-spaced in [1/condition, 1] in
-    a random rotation; every eigen-direction has the same share of the
-    initial loss; label noise of std `noise` (floor ≈ `noise**2`)."""
+def quadratic_data(dim=100, n_train=4096, n_test=1024, condition=1e3, noise=0.1):
+    """Least squares, Hessian eigenvalues log-spaced in [1/condition, 1] in a random
+    rotation, each eigen-direction an equal share of the initial loss; label noise
+    of std `noise` (floor ≈ `noise**2`)."""
     rng = np.random.default_rng(0)
     eigenvalues = np.logspace(0, -np.log10(condition), dim)
     rotation, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
@@ -255,8 +245,7 @@ def char_lm_problem(seq_len, dim, layers, step_ms, quick=None, batch_size=32):
         f"{batch_size} random windows, cross-entropy (nats/char)",
         steps=200, batch_size=batch_size, lrs=log_grid(-2.75, 3),
         data=functools.cache(data), step_ms=step_ms,
-        model=lambda seed: transformer_lm.build_model(seq_len, dim,
-                                                      layers=layers),
+        model=lambda seed: transformer_lm.build_model(seq_len, dim, layers=layers),
         loss=transformer_lm.lm_loss, metric=PERPLEXITY,
         stream=lambda ids, _, seed, steps, batch: transformer_lm.random_windows(
             ids, steps * batch, seq_len, seed),
@@ -276,13 +265,13 @@ def digits_16x16():
 
 
 def shifted_stream(x, y, seed, steps, batch_size, max_shift=2):
-    """`epoch_stream` batches, each image moved by up to `max_shift` pixels
-    per axis (uniform, drawn from the seed): every image seen is new."""
+    """`epoch_stream` batches, each image moved by up to `max_shift` pixels per axis
+    (uniform, drawn from the seed): every image seen is new."""
     images, labels = epoch_stream(x, y, seed, steps, batch_size)
     rng = np.random.default_rng([seed, 1])
     size = images.shape[1]
-    padded = np.pad(images, ((0, 0), (max_shift, max_shift),
-                             (max_shift, max_shift), (0, 0)))
+    padded = np.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift),
+                             (0, 0)))
     shifts = rng.integers(0, 2 * max_shift + 1, (len(images), 2))
     rows = shifts[:, :1] + np.arange(size)
     cols = shifts[:, 1:] + np.arange(size)
@@ -302,8 +291,7 @@ def wave_data(n_train=4096, n_test=1024, length=40, noise=0.8, jitter=0.012):
     rng = np.random.default_rng(0)
     n = n_train + n_test
     labels = rng.integers(0, len(WAVE_FREQUENCIES), n)
-    frequency = (np.asarray(WAVE_FREQUENCIES)[labels]
-                 + rng.uniform(-jitter, jitter, n))
+    frequency = np.asarray(WAVE_FREQUENCIES)[labels] + rng.uniform(-jitter, jitter, n)
     phase = rng.uniform(0, 2 * np.pi, n)
     amplitude = rng.uniform(0.5, 1.5, n)
     t = np.arange(length)
@@ -317,13 +305,11 @@ def wave_data(n_train=4096, n_test=1024, length=40, noise=0.8, jitter=0.012):
 
 @functools.cache
 def lorenz_data(points=6000, window=24, noise=0.05, held_out_fraction=0.2):
-    """Windows of `window` values of the Lorenz system's x (RK4, dt 0.01;
-    standardised, plus noise), the next value as target; the series' last
-    `held_out_fraction` held out."""
+    """Windows of `window` values of the Lorenz system's x (RK4, dt 0.01; standardised,
+    plus noise), the next value as target; the last `held_out_fraction` held out."""
     def derivative(state):
         x, y, z = state
-        return np.array([10.0 * (y - x), x * (28.0 - z) - y,
-                         x * y - 8.0 / 3.0 * z])
+        return np.array([10.0 * (y - x), x * (28.0 - z) - y, x * y - 8.0 / 3.0 * z])
 
     dt, every, burn_in = 0.01, 10, 1000
     state = np.ones(3)
@@ -342,8 +328,7 @@ def lorenz_data(points=6000, window=24, noise=0.05, held_out_fraction=0.2):
     series = series.astype("float32")
 
     def windows(part):
-        chunks = part[np.arange(len(part) - window)[:, None]
-                      + np.arange(window + 1)]
+        chunks = part[np.arange(len(part) - window)[:, None] + np.arange(window + 1)]
         return chunks[:, :-1, None], chunks[:, -1:]
 
     split = int(points * (1 - held_out_fraction))
@@ -351,9 +336,8 @@ def lorenz_data(points=6000, window=24, noise=0.05, held_out_fraction=0.2):
 
 
 @functools.cache
-def classification_data(n_samples, n_features, n_informative, n_redundant,
-                        n_classes, n_clusters_per_class, flip_y, class_sep,
-                        random_state, split):
+def classification_data(n_samples, n_features, n_informative, n_redundant, n_classes,
+                        n_clusters_per_class, flip_y, class_sep, random_state, split):
     """scikit-learn's `make_classification`, standardised."""
     from sklearn.datasets import make_classification
 
@@ -376,10 +360,9 @@ def tabular_bn_model(seed):
 
 
 @functools.cache
-def manifold_data(n_train=8192, n_test=1024, latent=6, hidden=32, dim=48,
-                  noise=0.05):
-    """Points x = tanh(z·A)·B + noise near a curved 6-dimensional manifold
-    in 48 dimensions (A, B fixed Gaussian; z ~ N(0, I₆)), standardised."""
+def manifold_data(n_train=8192, n_test=1024, latent=6, hidden=32, dim=48, noise=0.05):
+    """Points x = tanh(z·A)·B + noise near a curved 6-dimensional manifold in 48
+    dimensions (A, B fixed Gaussian; z ~ N(0, I₆)), standardised."""
     rng = np.random.default_rng(0)
     a = rng.standard_normal((latent, hidden)) * 1.5 / np.sqrt(latent)
     b = rng.standard_normal((hidden, dim)) / np.sqrt(hidden)
@@ -394,8 +377,7 @@ def friedman_data():
     """`make_friedman1` (10 features, 5 used, noise std 1), standardised."""
     from sklearn.datasets import make_friedman1
 
-    x, y = make_friedman1(n_samples=6000, n_features=10, noise=1.0,
-                          random_state=0)
+    x, y = make_friedman1(n_samples=6000, n_features=10, noise=1.0, random_state=0)
     x_train, x_test = standardise(x[:5000], x[5000:])
     y_train, y_test = standardise(y[:5000, None], y[5000:, None])
     return (x_train, y_train), (x_test, y_test)
@@ -407,8 +389,8 @@ SHAPES = ("horizontal bar", "vertical bar", "diagonal bar", "square outline",
 
 @functools.cache
 def shapes_data(n_train=6000, n_test=1000, size=16, noise=0.3):
-    """16x16 images of one of `SHAPES` each, at random places, sizes and
-    intensities, plus N(0, noise²) pixels."""
+    """16x16 images of one of `SHAPES` each, at random places, sizes and intensities,
+    plus N(0, noise²) pixels."""
     rng = np.random.default_rng(0)
     n = n_train + n_test
     labels = rng.integers(0, len(SHAPES), n)
@@ -438,8 +420,7 @@ def shapes_data(n_train=6000, n_test=1000, size=16, noise=0.3):
     images = intensity * mask + noise * rng.standard_normal((n, size, size))
     images = images[..., None].astype("float32")
     labels = labels.astype("int32")
-    return ((images[:n_train], labels[:n_train]),
-            (images[n_train:], labels[n_train:]))
+    return (images[:n_train], labels[:n_train]), (images[n_train:], labels[n_train:])
 
 
 # == the table ======================================================================
@@ -457,13 +438,11 @@ PROBLEMS = table(
         steps=300, batch_size=64, lrs=log_grid(-2.5, 7), data=digits,
         model=stack((64,), dense(128, "relu"), dense(10)), step_ms=0.25),
     Problem("breast_cancer", "calibration",
-        "logistic regression on scikit-learn's breast cancer data "
-        "(standardised), {n_train} train / {n_test} held-out, batch 32, "
-        "binary cross-entropy",
+        "logistic regression on scikit-learn's breast cancer data (standardised), "
+        "{n_train} train / {n_test} held-out, batch 32, binary cross-entropy",
         steps=300, batch_size=32, lrs=log_grid(-2, 7), data=breast_cancer_data,
-        model=stack((30,), dense(1)),
-        loss=lambda: keras.losses.BinaryCrossentropy(from_logits=True),
-        step_ms=0.17),
+        model=stack((30,), dense(1)), step_ms=0.17,
+        loss=lambda: keras.losses.BinaryCrossentropy(from_logits=True)),
     Problem("quadratic", "calibration",
         "noisy ill-conditioned quadratic: least squares on 100 features, "
         "Hessian condition number 1e3 in a random rotation, label noise 0.1 "
@@ -472,13 +451,11 @@ PROBLEMS = table(
         model=stack((100,), lambda: keras.layers.Dense(1, use_bias=False)),
         loss=keras.losses.MeanSquaredError, metric=MSE, step_ms=0.16),
     Problem("rosenbrock", "calibration",
-        "the 2-D Rosenbrock function 100·(y − x²)² + (1 − x)² of one Keras "
-        "variable (x, y), from the classic start (−1.2, 1) + N(0, 0.1²) per "
-        "seed; the loss is the function itself (exact gradients, minimum 0 "
-        "at (1, 1))",
-        steps=500, batch_size=1,
+        "the 2-D Rosenbrock function 100·(y − x²)² + (1 − x)² of one Keras variable "
+        "(x, y), from the classic start (−1.2, 1) + N(0, 0.1²) per seed; the loss is "
+        "the function itself (exact gradients, minimum 0 at (1, 1))",
         # Wide: SOAA and Adam need very different rates here.
-        lrs=log_grid(-2, 9, per_decade=2),
+        steps=500, batch_size=1, lrs=log_grid(-2, 9, per_decade=2),
         data=lambda: ((np.zeros((1, 1), "float32"),) * 2, None),
         model=rosenbrock_model, loss=lambda: function_value_loss, metric=None,
         step_ms=0.10, exact_gradients=True),
@@ -488,52 +465,46 @@ PROBLEMS = table(
                     quick=char_lm_problem(32, 32, 1, step_ms=5.5)),
     Problem("digits_cnn", "calibration",
         "CNN (conv 16, pool, conv 32, pool, dense 64, 10; 38K weights) on "
-        "scikit-learn's digits upsampled to 16x16, every training image "
-        "shifted by up to 2 pixels at random, {n_train} train / {n_test} "
-        "held-out (unshifted) images, batch 64, cross-entropy ({epochs} "
-        "epochs)",
-        steps=600, batch_size=64,
+        "scikit-learn's digits upsampled to 16x16, every training image shifted by up "
+        "to 2 pixels at random, {n_train} train / {n_test} held-out (unshifted) "
+        "images, batch 64, cross-entropy ({epochs} epochs)",
         # Three points, half a decade apart: the longest run of the set.
-        lrs=log_grid(-2.75, 3, per_decade=2), data=digits_16x16,
+        steps=600, batch_size=64, lrs=log_grid(-2.75, 3, per_decade=2),
+        data=digits_16x16, stream=shifted_stream, step_ms=5.5,
         model=stack((16, 16, 1), conv(16), keras.layers.MaxPooling2D, conv(32),
                     keras.layers.MaxPooling2D, keras.layers.Flatten,
-                    dense(64, "relu"), dense(10)),
-        stream=shifted_stream, step_ms=5.5),
+                    dense(64, "relu"), dense(10))),
     # -- the held-out set: never looked at while tuning.
     Problem("wave_gru", "held_out",
-        "GRU (32 units) + dense, classifying generated noisy sinusoids "
-        "(length 40, noise std 0.8, random phase and amplitude) into 4 "
-        "overlapping frequency bands, {n_train} train / {n_test} held-out "
-        "sequences, batch 64, cross-entropy",
-        steps=400, batch_size=64, lrs=log_grid(-2.5, 7), data=wave_data,
+        "GRU (32 units) + dense, classifying generated noisy sinusoids (length 40, "
+        "noise std 0.8, random phase and amplitude) into 4 overlapping frequency "
+        "bands, {n_train} train / {n_test} held-out sequences, batch 64, cross-entropy",
+        steps=400, batch_size=64, lrs=log_grid(-2.5, 7), data=wave_data, step_ms=1.0,
         model=stack((40, 1), lambda: keras.layers.GRU(32),
-                    dense(len(WAVE_FREQUENCIES))), step_ms=1.0),
+                    dense(len(WAVE_FREQUENCIES)))),
     Problem("lorenz_lstm", "held_out",
-        "LSTM (32 units) + dense forecasting the next value of the Lorenz "
-        "system's x (standardised, observation noise std 0.05: floor ≈ "
-        "0.0025) from the 24 before it, generated by RK4; {n_train} train / "
-        "{n_test} held-out windows (the series' last 20%), batch 64, MSE",
+        "LSTM (32 units) + dense forecasting the next value of the Lorenz system's x "
+        "(standardised, observation noise std 0.05: floor ≈ 0.0025) from the 24 "
+        "before it, generated by RK4; {n_train} train / {n_test} held-out windows "
+        "(the series' last 20%), batch 64, MSE",
         steps=400, batch_size=64, lrs=log_grid(-2.25, 7), data=lorenz_data,
         model=stack((24, 1), lambda: keras.layers.LSTM(32), dense(1)),
         loss=keras.losses.MeanSquaredError, metric=MSE, step_ms=0.55),
     Problem("tabular_bn", "held_out",
-        "MLP 20-128-128-6 with BatchNormalization and Dropout(0.2) after "
-        "each hidden layer, on scikit-learn's `make_classification` (6 "
-        "classes of 2 clusters, 12 informative of 20 features, 3% labels "
-        "flipped), {n_train} train / {n_test} held-out, batch 64, "
-        "cross-entropy (training loss with dropout on)",
-        steps=400, batch_size=64, lrs=log_grid(-3, 7),
-        data=lambda: classification_data(6000, 20, 12, 4, 6, 2, 0.03, 1.0, 0,
-                                         5000),
-        model=tabular_bn_model, step_ms=0.55),
+        "MLP 20-128-128-6 with BatchNormalization and Dropout(0.2) after each hidden "
+        "layer, on scikit-learn's `make_classification` (6 classes of 2 clusters, 12 "
+        "informative of 20 features, 3% labels flipped), {n_train} train / {n_test} "
+        "held-out, batch 64, cross-entropy (training loss with dropout on)",
+        steps=400, batch_size=64, lrs=log_grid(-3, 7), model=tabular_bn_model,
+        data=lambda: classification_data(6000, 20, 12, 4, 6, 2, 0.03, 1.0, 0, 5000),
+        step_ms=0.55),
     Problem("autoencoder", "held_out",
-        "autoencoder 48-64-8-64-48 (ReLU, linear 8-unit bottleneck) on "
-        "generated points near a curved 6-dimensional manifold, x = "
-        "tanh(z·A)·B + noise in 48 dimensions (standardised), {n_train} "
-        "train / {n_test} held-out, batch 64, reconstruction MSE",
+        "autoencoder 48-64-8-64-48 (ReLU, linear 8-unit bottleneck) on generated "
+        "points near a curved 6-dimensional manifold, x = tanh(z·A)·B + noise in 48 "
+        "dimensions (standardised), {n_train} train / {n_test} held-out, batch 64, "
+        "reconstruction MSE",
         steps=500, batch_size=64, lrs=log_grid(-2.75, 7), data=manifold_data,
-        model=stack((48,), dense(64, "relu"), dense(8), dense(64, "relu"),
-                    dense(48)),
+        model=stack((48,), dense(64, "relu"), dense(8), dense(64, "relu"), dense(48)),
         loss=keras.losses.MeanSquaredError, metric=MSE, step_ms=0.25),
     Problem("friedman_mlp", "held_out",
         "regression MLP 10-64-64-1 (ReLU) on scikit-learn's `make_friedman1` "
@@ -543,32 +514,28 @@ PROBLEMS = table(
         model=stack((10,), dense(64, "relu"), dense(64, "relu"), dense(1)),
         loss=keras.losses.MeanSquaredError, metric=MSE, step_ms=0.15),
     Problem("shapes_cnn", "held_out",
-        "wider CNN (conv 32, conv 32, pool, conv 64, pool, dense 64, 6; 94K "
-        "weights) on generated 16x16 images of 6 shapes (bars, square "
-        "outline, disc, plus) at random places, sizes and intensities with "
-        "pixel noise std 0.3, {n_train} train / {n_test} held-out images, "
-        "batch 64, cross-entropy",
+        "wider CNN (conv 32, conv 32, pool, conv 64, pool, dense 64, 6; 94K weights) "
+        "on generated 16x16 images of 6 shapes (bars, square outline, disc, plus) at "
+        "random places, sizes and intensities with pixel noise std 0.3, {n_train} "
+        "train / {n_test} held-out images, batch 64, cross-entropy",
         steps=400, batch_size=64, lrs=log_grid(-3.25, 7), data=shapes_data,
         model=stack((16, 16, 1), conv(32), conv(32), keras.layers.MaxPooling2D,
                     conv(64), keras.layers.MaxPooling2D, keras.layers.Flatten,
                     dense(64, "relu"), dense(len(SHAPES))), step_ms=11.0),
     Problem("softmax_long", "held_out",
-        "multinomial logistic regression (40 features, 10 classes) on "
-        "scikit-learn's `make_classification` with 5% of the labels flipped, "
-        "{n_train} train / {n_test} held-out, batch 32, cross-entropy, a long "
-        "run ({epochs} epochs): convex, with minibatch noise, so where a "
-        "schedule ends matters",
+        "multinomial logistic regression (40 features, 10 classes) on scikit-learn's "
+        "`make_classification` with 5% of the labels flipped, {n_train} train / "
+        "{n_test} held-out, batch 32, cross-entropy, a long run ({epochs} epochs): "
+        "convex, with minibatch noise, so where a schedule ends matters",
         steps=2000, batch_size=32, lrs=log_grid(-3.25, 7),
-        data=lambda: classification_data(10000, 40, 25, 5, 10, 1, 0.05, 1.5,
-                                         1, 8000),
+        data=lambda: classification_data(10000, 40, 25, 5, 10, 1, 0.05, 1.5, 1, 8000),
         model=stack((40,), dense(10)), step_ms=0.1),
 )
 
 
 def in_set(name):
     """The problems of a set (`calibration`, `held_out` or `all`), in order."""
-    return [p for p, problem in PROBLEMS.items()
-            if name == "all" or problem.set == name]
+    return [p for p, row in PROBLEMS.items() if name == "all" or row.set == name]
 
 
 def covered_set(names):

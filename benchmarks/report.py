@@ -41,8 +41,7 @@ def mean_std(values):
 
 
 def bound_shares(name, radii):
-    """Shares of steps with the radius on its lower and on its upper bound
-    (row `name`'s `radius_bounds`; within a relative 1e-5), or `None`."""
+    """Shares of steps on row `name`'s lower and upper radius bound, or `None`."""
     row = OPTIMIZERS.get(name)
     if row is None or row.radius_bounds is None:
         return None
@@ -133,9 +132,8 @@ def best_peer(summary):
 
 
 def worst_case(summaries, name):
-    """`name`'s final loss over the best peer's, per problem (`ratios`), the
-    largest (`worst`, `worst_problem`), and on how many problems it is
-    within 5% of tuned Adam's (`near_adam` of `with_adam`)."""
+    """`name`'s final loss over the best peer's per problem (`ratios`), the largest
+    (`worst`, `worst_problem`), within 5% of Adam's on `near_adam` of `with_adam`."""
     ratios, near_adam, with_adam = {}, 0, 0
     for problem, summary in summaries.items():
         if name not in summary:
@@ -174,10 +172,9 @@ def verdict_lines(summaries):
                 f"{', '.join(label(p) for p in PEERS)} did)."]
     worst = max(found, key=lambda p: found[p][2])
     lines = [f"{name} against the best peer of each problem (the best of "
-             f"{', '.join(label(p) for p in PEERS)} that ran, each at its "
-             "tuned rate), on final training loss:",
-             f"- worst ratio to the best peer: {_ratio(found[worst][2])} (on "
-             f"{worst})"]
+             f"{', '.join(label(p) for p in PEERS)} that ran, each at its tuned "
+             "rate), on final training loss:",
+             f"- worst ratio to the best peer: {_ratio(found[worst][2])} (on {worst})"]
     for word in ("wins", "ties", "loses"):
         cases = [f"{problem} ({_ratio(ratio)} x {label(peer)})"
                  for problem, (w, peer, ratio) in found.items() if w == word]
@@ -204,10 +201,9 @@ def _pair(pair):
 
 def table(results, summaries):
     """The main table: per problem, its optimizers from the best down."""
-    lines = ["| problem | optimizer | rank | tuned lr | final train loss | "
-             "steps to Adam's final loss | held-out metric | ms/step | "
-             "radius: mean (on lower / upper bound) | weights in the Fisher "
-             "regime |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| problem | optimizer | rank | tuned lr | final train loss | steps to "
+             "Adam's final loss | held-out metric | ms/step | radius: mean (on lower "
+             "/ upper bound) | weights in the Fisher regime |", "|---" * 10 + "|"]
     for problem, summary in summaries.items():
         info = results[problem]["problem"]
         for name in ranking(summary):
@@ -221,18 +217,15 @@ def table(results, summaries):
             if item.get("mean_radius") is not None:
                 radius = f"{item['mean_radius']:.2f}"
                 if item["bounds"] is not None:
-                    radius += (f" ({item['bounds'][0]:.0%} / "
-                               f"{item['bounds'][1]:.0%})")
+                    radius += f" ({item['bounds'][0]:.0%} / {item['bounds'][1]:.0%})"
             if item.get("fisher_share") is not None:
                 fisher = f"{item['fisher_share']:.1%}"
             steps = item["steps_to_adam"]
             lines.append(
-                f"| {problem} | {label(name)} | {item['rank']} / "
-                f"{len(summary)} | {item['lr']:g}"
-                f"{' (grid edge)' if item['at_edge'] else ''} | "
-                f"{_final(item['final'])} | "
-                f"{'not reached' if steps is None else steps} / "
-                f"{info['steps']} | {held_out} | {item['ms_per_step']:.2f} | "
+                f"| {problem} | {label(name)} | {item['rank']} / {len(summary)} | "
+                f"{item['lr']:g}{' (grid edge)' if item['at_edge'] else ''} | "
+                f"{_final(item['final'])} | {'not reached' if steps is None else steps}"
+                f" / {info['steps']} | {held_out} | {item['ms_per_step']:.2f} | "
                 f"{radius} | {fisher} |")
     return lines
 
@@ -258,21 +251,21 @@ def worst_case_lines(summaries, names):
         parts = []
         if figures["worst"] is not None:
             parts.append(f"worst ratio {figures['worst']:.2f} (on "
-                         f"{figures['worst_problem']})"
-                         if math.isfinite(figures["worst"]) else
-                         f"diverged on {figures['worst_problem']} (worst "
-                         "ratio ∞)")
+                         f"{figures['worst_problem']})" if math.isfinite(
+                             figures["worst"]) else
+                         f"diverged on {figures['worst_problem']} (worst ratio ∞)")
         if figures["with_adam"]:
             parts.append(f"within 5% of tuned Adam on {figures['near_adam']} "
                          f"of {figures['with_adam']} problems")
         if parts:
             lines.append(f"- **{label(name)}**: " + "; ".join(parts) + ".")
     return lines and [
-        "Worst case per optimizer: the largest ratio, over the problems, of "
-        "its final train loss to the best peer's (the best of "
-        f"{', '.join(label(p) for p in PEERS)} that ran; 1.00: it is, or "
-        "matches, the best of them everywhere), and on how many problems its "
-        "final train loss is within 5% of tuned Adam's:", "", *lines, ""]
+        "Worst case per optimizer: the largest ratio, over the problems, of its final "
+        "train loss to the best peer's (the best of "
+        f"{', '.join(label(p) for p in PEERS)} that ran; 1.00: it is, or matches, the "
+        "best of them everywhere), and on how "
+        "many problems its final train loss is within 5% of tuned Adam's:", "",
+        *lines, ""]
 
 
 def section(results, summaries, names, level="##"):
@@ -285,23 +278,23 @@ def section(results, summaries, names, level="##"):
 
 
 INTRO = [
-    "- **recommended SOAA**: `keras_soaa.presets.recommended`, the paper's "
-    "controller with a cosine decay of the rate to 0; *SOAA (paper)*: "
-    "`SOAA()`; *SOAA-HD*, *SOAA-GR*: `controller=\"hypergradient\"`, "
-    "`\"gradient_ratio\"` (radius in [0.1, 10]); *+ cosine*: `CosineDecay` "
-    "of the rate to 0. Keras' optimizers at their defaults but the rate. "
-    "Every optimizer gets the same rate grid, seeds (initial weights and "
-    "batch order) and steps, in `model.fit` (SOAA with `TrustRegionCallback`).",
-    "- **final train loss**: the mean training loss of the last 10% of steps, "
-    "mean ± std over seeds, at the **tuned lr** (the grid point with the "
-    "lowest mean; *grid edge*: an end of the grid). **Steps to Adam's final "
-    "loss**: the first step where the mean curve (same window) reaches it.",
-    "- **held-out metric**: of the tuned runs; ScheduleFreeAdamW also *at "
-    "x*, its averaged point (Keras trains y). **ms/step**: median time per "
-    "step of `fit` after compilation, callbacks included.",
-    "- **radius**: SOAA's radius d, mean and shares of steps on its lower / "
-    "upper bound. **Fisher regime**: the share of weights whose step is "
-    "m̂ / (c·v̂), where d cancels (else Adam's step times d).",
+    "- **recommended SOAA**: `keras_soaa.presets.recommended`, the paper's controller "
+    "with a cosine decay of the rate to 0; *SOAA (paper)*: `SOAA()`; *SOAA-HD*, "
+    "*SOAA-GR*: `controller=\"hypergradient\"`, `\"gradient_ratio\"` (radius in "
+    "[0.1, 10]); *+ cosine*: `CosineDecay` of the rate to 0. Keras' optimizers at "
+    "their defaults but the rate. Every optimizer gets the same rate grid, seeds "
+    "(initial weights and batch order) and steps, in `model.fit` (SOAA with "
+    "`TrustRegionCallback`).",
+    "- **final train loss**: the mean training loss of the last 10% of steps, mean ± "
+    "std over seeds, at the **tuned lr** (the grid point with the lowest mean; *grid "
+    "edge*: an end of the grid). **Steps to Adam's final loss**: the first step where "
+    "the mean curve (same window) reaches it.",
+    "- **held-out metric**: of the tuned runs; ScheduleFreeAdamW also *at x*, its "
+    "averaged point (Keras trains y). **ms/step**: median time per step of `fit` "
+    "after compilation, callbacks included.",
+    "- **radius**: SOAA's radius d, mean and shares of steps on its lower / upper "
+    "bound. **Fisher regime**: the share of weights whose step is m̂ / (c·v̂), where "
+    "d cancels (else Adam's step times d).",
 ]
 
 
@@ -310,12 +303,10 @@ def write(results, config, out_dir):
     summaries = {name: summarize(entry) for name, entry in results.items()}
     written = []
     for name, entry in results.items():
-        plot_problem(name, entry, summaries[name],
-                     os.path.join(out_dir, f"{name}.png"))
+        plot_problem(name, entry, summaries[name], os.path.join(out_dir, f"{name}.png"))
         written.append(f"{name}.png")
     versions = config["versions"]
-    others = ", ".join(f"{k} {v}" for k, v in versions.items()
-                       if k != "keras-soaa")
+    others = ", ".join(f"{k} {v}" for k, v in versions.items() if k != "keras-soaa")
     merged = config.get("merged_from")
     lines = [
         "# SOAA against Keras' optimizers", "",
@@ -325,14 +316,13 @@ def write(results, config, out_dir):
         f"{len(config['seeds'])} seed(s), {config['minutes']:.1f} minutes"
         + (" (a quick smoke run: its numbers mean nothing)"
            if config["mode"] == "quick" else "") + ".", "",
-        f"Problems: **{SET_TITLES.get(config.get('set'), 'both sets, apart')}"
-        "**. Optimizers: "
-        + ", ".join(label(o) for o in config["optimizers"]) + ".", "",
+        f"Problems: **{SET_TITLES.get(config.get('set'), 'both sets, apart')}**. "
+        "Optimizers: " + ", ".join(label(o) for o in config["optimizers"]) + ".", "",
         *([f"Runs of {', '.join(label(o) for o in merged['optimizers'])} "
            f"merged from `{merged['folder']}`.", ""] if merged else []),
         *INTRO, *([] if config["backend"] == "jax" else [
-            "- On TensorFlow and torch, Keras 3.15's ScheduleFreeAdamW reads z "
-            "after updating it: not quite the paper's update (JAX's is)."]), "",
+            "- On TensorFlow and torch, Keras 3.15's ScheduleFreeAdamW reads z after "
+            "updating it: not quite the paper's update (JAX's is)."]), "",
     ]
     names = list(dict.fromkeys(o for e in results.values() for o in e["runs"]))
     sets = [s for s in SET_TITLES
@@ -347,8 +337,8 @@ def write(results, config, out_dir):
                       *section(results, part, names, "###")]
     for name, summary in summaries.items():
         info = results[name]["problem"]
-        lines += [f"## {name}", "", f"{info['description']}; "
-                  f"{info['steps']} steps.", "", f"![{name}]({name}.png)", "",
+        lines += [f"## {name}", "", f"{info['description']}; {info['steps']} steps.",
+                  "", f"![{name}]({name}.png)", "",
                   "Final train loss per learning rate (tuned in bold):", "",
                   *sweep_table(summary), ""]
     with open(os.path.join(out_dir, "report.md"), "w") as file:
@@ -360,9 +350,8 @@ def write(results, config, out_dir):
 
 
 def plotted(summary):
-    """At most `MAX_CURVES` optimizers, in rank order: the recommended SOAA,
-    the paper's and Adam, then the strongest others that are not SOAA, then
-    the strongest other SOAA variants."""
+    """At most `MAX_CURVES` optimizers, in rank order: the recommended SOAA, the
+    paper's and Adam, then the strongest non-SOAA, then other SOAA variants."""
     order = ranking(summary)
     fixed = [o for o in (RECOMMENDED, "soaa", "adam") if o in summary]
     rest = ([o for o in order if o not in fixed and not summary[o]["soaa"]]
@@ -403,28 +392,24 @@ def plot_problem(name, entry, summary, path):
     window = 1 if entry["problem"]["exact_gradients"] else max(1, steps // 50)
     shown = plotted(summary)
     live = [o for o in shown if not summary[o]["final"]["diverged"]]
-    handles = [Line2D([], [], **style(o), label=f"#{summary[o]['rank']} "
-                      f"{label(o)} ("
-                      + ("diverged" if o not in live
-                         else f"lr {summary[o]['lr']:g}") + ")")
-               for o in shown]
+    handles = [Line2D([], [], **style(o), label=f"#{summary[o]['rank']} {label(o)} ("
+                      + ("diverged" if o not in live else f"lr {summary[o]['lr']:g}")
+                      + ")") for o in shown]
     figure, ((by_step, by_time), (by_lr, radius)) = plt.subplots(
         2, 2, figsize=(11, 8.2))
     x = np.arange(1, steps + 1)
     for o in live:
         curves = np.array([trailing_mean(r["loss"], window)
                            for r in summary[o]["runs"]])
-        for axis, along in ((by_step, x), (by_time,
-                                           wall_clock(summary[o]["runs"]))):
+        for axis, along in ((by_step, x), (by_time, wall_clock(summary[o]["runs"]))):
             axis.plot(along, curves.mean(0), **style(o))
             axis.fill_between(along, curves.min(0), curves.max(0),
                               color=style(o)["color"], alpha=0.15, lw=0)
     smoothing = "" if window == 1 else f", {window}-step moving average"
     by_step.set(xlabel="step", ylabel="training loss", yscale="log",
                 title=f"loss vs step (mean, min-max over seeds{smoothing})")
-    by_time.set(xlabel="seconds since the first step", yscale="log",
-                ylabel="training loss",
-                title="loss vs wall-clock (compilation excluded)")
+    by_time.set(xlabel="seconds since the first step", yscale="log", ylabel=
+                "training loss", title="loss vs wall-clock (compilation excluded)")
     for o in shown:
         points = [(s["lr"], s["mean"], [r["final_loss"] or math.inf
                                          for r in entry["runs"][o][key]])
@@ -438,9 +423,8 @@ def plot_problem(name, entry, summary, path):
         if o in live:
             by_lr.plot([summary[o]["lr"]], [summary[o]["final"]["mean"]],
                        marker="*", ms=14, color=style(o)["color"], ls="none")
-    by_lr.set(xscale="log", yscale="log", xlabel="learning rate",
-              ylabel="final training loss",
-              title="learning-rate sweep (mean, min-max; ★ tuned)")
+    by_lr.set(xscale="log", yscale="log", xlabel="learning rate", ylabel="final "
+              "training loss", title="learning-rate sweep (mean, min-max; ★ tuned)")
     grid = sorted({s["lr"] for o in shown for s in summary[o]["sweep"].values()})
     by_lr.set_xticks(grid, [f"{lr:g}" for lr in grid], fontsize=8)
     by_lr.xaxis.set_minor_locator(ticker.NullLocator())
@@ -453,8 +437,7 @@ def plot_problem(name, entry, summary, path):
                             if hidden else ""), fontsize=12)
     figure.legend(handles=handles, loc="lower center", ncol=3, fontsize=9,
                   frameon=False)
-    figure.tight_layout(rect=(0, (0.3 * -(-len(handles) // 3) + 0.25) / 8.2,
-                              1, 1))
+    figure.tight_layout(rect=(0, (0.3 * -(-len(handles) // 3) + 0.25) / 8.2, 1, 1))
     buffer = io.BytesIO()  # a 256-colour PNG: a third of the RGBA size
     figure.savefig(buffer, dpi=72, format="png")
     plt.close(figure)
@@ -474,8 +457,7 @@ def plot_radius(axis, names, summary, x):
     for name in names:
         item = summary[name]
         for record in item["runs"]:
-            axis.plot(x, record["radius"], alpha=0.7,
-                      **{**style(name), "lw": 0.9})
+            axis.plot(x, record["radius"], alpha=0.7, **{**style(name), "lw": 0.9})
         row = OPTIMIZERS.get(name)
         if row is not None and row.radius_bounds is not None:
             bounds.add(tuple(map(tuple, row.radius_bounds(len(x)))))
@@ -488,8 +470,7 @@ def plot_radius(axis, names, summary, x):
     low, high = axis.get_ylim()
     if low > 0 and high / low > 3:  # a wide range (constant bounds): log
         axis.set_yscale("log")
-        axis.yaxis.set_major_formatter(
-            ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         axis.yaxis.set_minor_formatter(ticker.NullFormatter())
     axis.set(xlabel="step", ylabel="radius d")
     axis.set_title("radius d per seed, bounds dotted; on lower / upper "

@@ -47,11 +47,9 @@ def slot_variable(optimizer, variable, slot):
 
 
 def fisher_share(optimizer, variables, radius):
-    """The share of weights whose next SOAA step is in the Fisher regime.
-
-    SOAA divides d·m̂ by max(d·c·v̂, √v̂), c = 1 + Σm̂² / Σ(v̂ + ε): where √v̂
-    wins the step is Adam's times d; where d·c·v̂ wins, d cancels.
-    """
+    """The share of weights whose next SOAA step is in the Fisher regime: SOAA
+    divides d·m̂ by max(d·c·v̂, √v̂), c = 1 + Σm̂² / Σ(v̂ + ε); where √v̂ wins the
+    step is Adam's times d, where d·c·v̂ wins d cancels."""
     t = float(ops.convert_to_numpy(optimizer.iterations))
     fisher = total = 0
     for variable in variables:
@@ -66,10 +64,9 @@ def fisher_share(optimizer, variables, radius):
 
 
 class Recorder(keras.callbacks.Callback):
-    """Records per batch its own loss (from the change of `fit`'s loss
-    metric: `logs["loss"]` is the epoch's mean), the time and SOAA's radius
-    (`logs["radius"]`, from `TrustRegionCallback`, listed before). With
-    `probe`, every 10th batch also the Fisher share (its time left out)."""
+    """Records per batch its loss (from the change of `fit`'s loss metric:
+    `logs["loss"]` is the epoch's mean), the time and SOAA's radius (from
+    `TrustRegionCallback`); with `probe`, every 10th batch the Fisher share."""
 
     def __init__(self, probe=False):
         super().__init__()
@@ -95,16 +92,14 @@ class Recorder(keras.callbacks.Callback):
             self.radii.append(float(logs["radius"]))
         if self.probe and (len(self.losses) - 1) % 10 == 0:
             start = time.perf_counter()
-            self.fisher.append(fisher_share(model.optimizer,
-                                            model.trainable_variables,
+            self.fisher.append(fisher_share(model.optimizer, model.trainable_variables,
                                             self.radii[-1]))
             self.probe_seconds += time.perf_counter() - start
 
 
 def at_schedule_free_x(model, function):
-    """`function(model)` at ScheduleFreeAdamW's averaged point x = (y − (1 −
-    β1)·z) / β1 (y: the weights Keras trains, z: their `momentum` slots);
-    the weights y are put back exactly afterwards."""
+    """`function(model)` at ScheduleFreeAdamW's averaged point x = (y − (1 − β1)·z)
+    / β1 (y: the trained weights, put back after; z: their `momentum` slots)."""
     optimizer, variables = model.optimizer, model.trainable_variables
     saved = [ops.convert_to_numpy(v) for v in variables]
     beta_1 = float(optimizer.beta_1)
@@ -142,8 +137,7 @@ def compiled_model(problem, name, learning_rate, seed):
     """A new compiled model, warmed up (compiled) by a short `fit`."""
     seed_everything(seed)
     model = problem.model(seed)
-    model.compile(optimizer=optimizers.make(name, learning_rate,
-                                            problem.steps, model),
+    model.compile(optimizer=optimizers.make(name, learning_rate, problem.steps, model),
                   loss=problem.loss())
     chunk = steps_per_epoch(problem)
     fit(model, problem, *problem.batches(seed, chunk), chunk)
@@ -158,9 +152,8 @@ def copy(sources, targets):
 
 
 def fresh_start(model, problem, name, learning_rate, seed):
-    """Puts seed-initialised weights (every model variable: also dropout's
-    seed state and batch-norm statistics) and a fresh optimizer state into
-    a compiled `model`."""
+    """Puts seed-initialised variables (also dropout's seed state, batch-norm
+    statistics) and a fresh optimizer state into a compiled `model`."""
     seed_everything(seed)
     copy(problem.model(seed).variables, model.variables)
     # Built on the fresh weights (ScheduleFreeAdamW's z starts at them).
@@ -182,8 +175,8 @@ def run(model, problem, name, learning_rate, seed):
     optimizer = model.optimizer
     if (isinstance(optimizer, keras_soaa.SOAA)
             and optimizer.total_steps != problem.steps):
-        raise RuntimeError(f"SOAA ran with total_steps="
-                           f"{optimizer.total_steps}, expected {problem.steps}")
+        raise RuntimeError(f"SOAA ran with total_steps={optimizer.total_steps}, "
+                           f"expected {problem.steps}")
     final = float(np.mean(recorder.losses[-max(1, problem.steps // 10):]))
     finite = bool(np.isfinite(final))
     held_out = problem.held_out(model) if finite else None
@@ -192,8 +185,7 @@ def run(model, problem, name, learning_rate, seed):
         held_out_x = at_schedule_free_x(model, problem.held_out)
     return {
         "seed": seed, "loss": recorder.losses, "time": recorder.times,
-        "radius": recorder.radii or None,
-        "fisher_share": recorder.fisher or None,
+        "radius": recorder.radii or None, "fisher_share": recorder.fisher or None,
         "final_loss": final if finite else None,
         "held_out": held_out, "held_out_x": held_out_x,
         "ms_per_step": 1000 * seconds / problem.steps,
@@ -214,8 +206,8 @@ def weights(problem, name, learning_rates, seeds, reuse=True):
 
 
 class Progress:
-    """A run counter with an ETA: the time so far, scaled by the expected
-    seconds (`weights`) of the runs left over those of the runs done."""
+    """A run counter with an ETA: the time so far scaled by the expected seconds
+    (`weights`) of the runs left over those done."""
 
     def __init__(self, total_weight, runs):
         self.total, self.runs = total_weight, runs
@@ -233,10 +225,8 @@ class Progress:
 
 def sweep(problem, name, learning_rates, seeds, reuse=True, progress=None):
     """Runs every (learning rate, seed); returns {repr(lr): [record per seed]}.
-
-    With `reuse`, one compiled model serves every run (every seed of a rate
-    for a `schedule` row); each run starts from a fresh state copied in.
-    """
+    With `reuse`, one compiled model serves every run (every seed of a rate for a
+    `schedule` row); each run starts from a fresh state copied in."""
     costs = weights(problem, name, learning_rates, seeds, reuse)
     progress = progress or Progress(sum(costs), len(costs))
     model, runs, index = None, {}, 0

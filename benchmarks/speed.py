@@ -3,30 +3,22 @@
     python benchmarks/speed.py [--backends tensorflow,jax,torch] [--quick]
     python benchmarks/speed.py --models small   # the callback's per-batch cost
 
-Three sides: Keras Adam, SOAA + `TrustRegionCallback`, and SOAA with the
-hypergradient controller (`SOAA(controller="hypergradient")`, no callback:
-"SOAA-HG"). Prints, and writes as markdown (default
-`benchmarks/results/speed.md`), a table of backend x mode x model: ms/step of
-each side in `fit`, SOAA's ratios to Adam, the optimizer state bytes and each
-fit's peak resident memory (MLP 784-1024-1024-10, batch 256); and a table of
-`optimizer.apply` alone on one variable of `--apply-params` parameters
-(compiled where the backend compiles). Each backend runs in its own process,
-each peak-memory figure in one of its own. The sides are timed alternately,
-epoch by epoch, keeping the median of the repeats, so all see the same load;
-timing processes keep big allocations on glibc's heap (`HEAP_MALLOC`;
-`--system-malloc`: the defaults).
+Sides: Keras Adam, SOAA + `TrustRegionCallback`, "SOAA-HG"
+(`controller="hypergradient"`, no callback). Writes (default
+`benchmarks/results/speed.md`) ms/step of each side in `fit` per backend x mode x
+model, ratios to Adam, state bytes and each fit's peak RSS (MLP 784-1024-1024-10,
+batch 256), and `optimizer.apply` alone on `--apply-params` parameters (compiled
+where the backend compiles). One process per backend and per peak-memory figure;
+sides timed alternately by epoch, median of the repeats, big allocations kept on
+glibc's heap (`HEAP_MALLOC`; `--system-malloc`: the defaults).
 
-The small models (`mlp_small`, in the default run, and `--models small`,
-which adds a logistic regression) are an MLP 64-128-128-10 and a logistic
-regression, batch 64, `--small-steps` steps per timed epoch, trained with
-SOAA's preset `keras_soaa.presets.recommended(1e-3, total_steps)`: there the
-per-batch work around the step dominates. They run in compiled `fit` (eager
-on torch), in eager `fit` on JAX (`run_eagerly=True`, `--steps` steps per
-epoch, it is slow), and in a custom loop (`custom loop`: gradients, `apply`
-and SOAA's `observe_loss` in one `tf.function` / `jax.jit` step, eager on
-torch); on torch, `mlp_small` also counts the graph breaks and recompiles of
-`torch.compile` (`jit_compile=True`) over a few `fit` steps, each side in a
-fresh process. `--models small` alone writes no memory or `apply` table.
+Small models (`mlp_small` by default; `--models small` adds `logreg`): batch 64,
+`--small-steps` steps per epoch, preset `recommended(1e-3, total_steps)`, where
+per-batch work around the step dominates. They run in compiled `fit` (eager on
+torch), eager `fit` on JAX (`--steps` steps), and a custom loop (gradients, `apply`,
+`observe_loss` in one `tf.function` / `jax.jit` step; eager on torch); on torch,
+`mlp_small` also counts `torch.compile`'s graph breaks and recompiles (a fresh
+process per side). `--models small` alone writes no memory or `apply` table.
 """
 
 import argparse
@@ -50,27 +42,24 @@ MODES = {"tensorflow": ["compiled", "eager"], "jax": ["compiled"],
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--backends", default="tensorflow,jax,torch")
-    parser.add_argument("--models", default="mlp,mlp_small,transformer")
-    parser.add_argument("--steps", type=int, default=20,
-                        help="training steps per timed epoch")
-    parser.add_argument("--small-steps", type=int, default=300,
-                        help="training steps per timed epoch, small models")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--apply-params", type=float, default=50e6,
-                        help="parameters in the optimizer.apply benchmark")
-    parser.add_argument("--apply-variables", type=int, default=1,
-                        help="variables sharing them")
-    parser.add_argument("--output", help="default: benchmarks/results/"
-                        "speed.md (speed_small.md for small models only)")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny sizes: checks the script, not the speed")
-    parser.add_argument("--system-malloc", action="store_true",
-                        help="time with glibc's default malloc settings "
-                        "(see HEAP_MALLOC)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--memory-of", help=argparse.SUPPRESS)
-    parser.add_argument("--compile-of", help=argparse.SUPPRESS)
+    add = parser.add_argument
+    add("--backends", default="tensorflow,jax,torch")
+    add("--models", default="mlp,mlp_small,transformer")
+    add("--steps", type=int, default=20, help="training steps per timed epoch")
+    add("--small-steps", type=int, default=300,
+        help="training steps per timed epoch, small models")
+    add("--repeats", type=int, default=5)
+    add("--apply-params", type=float, default=50e6,
+        help="parameters in the optimizer.apply benchmark")
+    add("--apply-variables", type=int, default=1, help="variables sharing them")
+    add("--output", help="default: benchmarks/results/speed.md (speed_small.md "
+        "for small models only)")
+    add("--quick", action="store_true",
+        help="tiny sizes: checks the script, not the speed")
+    add("--system-malloc", action="store_true",
+        help="time with glibc's default malloc settings (see HEAP_MALLOC)")
+    for hidden in ("--worker", "--memory-of", "--compile-of"):
+        add(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.models = ",".join(",".join(SMALL_MODELS) if m == "small" else m
                            for m in args.models.split(","))
@@ -133,9 +122,8 @@ def make_data(input_shape, classes, batch, steps, is_sequence):
 
 
 def make_optimizer(name, total_steps=None):
-    """A side's optimizer and callbacks: Adam, or SOAA with the side's
-    controller (the preset `recommended` given `total_steps`); the paper's
-    controller is fed by `TrustRegionCallback`, the hypergradient needs none."""
+    """A side's optimizer and callbacks: Adam, or SOAA with the side's controller
+    (preset `recommended` given `total_steps`; the paper's needs the callback)."""
     import keras
 
     import keras_soaa
@@ -151,8 +139,7 @@ def make_optimizer(name, total_steps=None):
 
 
 def epoch_timer():
-    """A callback recording each epoch's wall-clock time in `.seconds`
-    (no batch-level hook)."""
+    """Records each epoch's wall-clock time in `.seconds` (no batch hook)."""
     import keras
 
     class Timer(keras.callbacks.Callback):
@@ -172,11 +159,8 @@ def state_bytes(optimizer):
     import keras
     import numpy as np
 
-    return sum(
-        int(np.prod(v.shape)) * np.dtype(keras.backend.standardize_dtype(
-            v.dtype)).itemsize
-        for v in optimizer.variables
-    )
+    return sum(int(np.prod(v.shape)) * np.dtype(keras.backend.standardize_dtype(
+        v.dtype)).itemsize for v in optimizer.variables)
 
 
 def time_fit(model_name, mode, args):
@@ -192,8 +176,7 @@ def time_fit(model_name, mode, args):
         model, loss, input_shape, classes = make_model(model_name, args.quick)
         optimizer, callbacks = make_optimizer(
             opt_name, steps * (args.repeats + 1) if small else None)
-        model.compile(optimizer=optimizer, loss=loss,
-                      run_eagerly=(mode == "eager"),
+        model.compile(optimizer=optimizer, loss=loss, run_eagerly=(mode == "eager"),
                       jit_compile=(mode == "compiled"))
         x, y = make_data(input_shape, classes, batch, steps,
                          model_name == "transformer")
@@ -214,10 +197,8 @@ def time_fit(model_name, mode, args):
 
 
 def custom_loop_step(model, loss_fn, optimizer, observe):
-    """One step of a custom training loop: gradients, `optimizer.apply` and,
-    if `observe`, `optimizer.observe_loss` (how a loop without `fit` feeds
-    SOAA), compiled where the backend compiles. Returns
-    `step(x, y) -> loss`, the loss on the device."""
+    """`step(x, y) -> loss` (on the device) of a custom loop: gradients, `apply`
+    and, if `observe`, `observe_loss` (how a loop without `fit` feeds SOAA)."""
     import keras
 
     backend = keras.backend.backend()
@@ -255,11 +236,9 @@ def custom_loop_step(model, loss_fn, optimizer, observe):
                     optimizer_values, loss)
             return (trainable, non_trainable, optimizer_values), loss
 
-        state = [
-            [v.value for v in model.trainable_variables],
-            [v.value for v in model.non_trainable_variables],
-            [v.value for v in optimizer.variables],
-        ]
+        state = [[v.value for v in model.trainable_variables],
+                 [v.value for v in model.non_trainable_variables],
+                 [v.value for v in optimizer.variables]]
 
         def step(x, y):
             state[:], loss = jax_step(tuple(state), x, y)
@@ -282,9 +261,8 @@ def custom_loop_step(model, loss_fn, optimizer, observe):
 
 
 def time_custom_loop(model_name, args):
-    """Median ms/step of a custom loop (`custom_loop_step`), timed
-    alternately: Adam's `apply` against SOAA's `apply` (+ `observe_loss` for
-    the paper's controller)."""
+    """Median ms/step of each side in a custom loop (`custom_loop_step`, with
+    `observe_loss` for the paper's controller), timed alternately."""
     import keras
     import numpy as np
 
@@ -318,8 +296,7 @@ def time_custom_loop(model_name, args):
 
 
 def time_apply(args):
-    """Median ms of `optimizer.apply` on `--apply-params` parameters in
-    `--apply-variables` variables."""
+    """Median ms of `apply` on `--apply-params` in `--apply-variables` variables."""
     import keras
     import numpy as np
 
@@ -329,15 +306,12 @@ def time_apply(args):
     count = args.apply_variables
     size = int(args.apply_params / count) if not args.quick else 10_000
     rng = np.random.default_rng(0)
-    grads_np = [rng.normal(size=(size,)).astype("float32")
-                for _ in range(count)]
+    grads_np = [rng.normal(size=(size,)).astype("float32") for _ in range(count)]
     result, order, steps = {}, SIDES, {}
     for name in order:
-        variables = [keras.Variable(np.zeros(size, "float32"))
-                     for _ in range(count)]
-        optimizer = (keras.optimizers.Adam() if name == "adam"
-                     else keras_soaa.SOAA(total_steps=1000,
-                                          controller=CONTROLLERS[name]))
+        variables = [keras.Variable(np.zeros(size, "float32")) for _ in range(count)]
+        optimizer = (keras.optimizers.Adam() if name == "adam" else
+                     keras_soaa.SOAA(total_steps=1000, controller=CONTROLLERS[name]))
         optimizer.build(variables)
         grads = [keras.ops.convert_to_tensor(g) for g in grads_np]
         if backend == "tensorflow":
@@ -357,8 +331,7 @@ def time_apply(args):
             fn = jax.jit(apply, donate_argnums=(0, 2))
 
             def step(fn=fn, grads=grads, state=state):
-                state["opt"], state["vars"] = fn(state["opt"], grads,
-                                                 state["vars"])
+                state["opt"], state["vars"] = fn(state["opt"], grads, state["vars"])
                 return state["vars"][0].block_until_ready()
             steps[name] = step
         else:
@@ -402,9 +375,8 @@ def worker(args):
     for model_name in args.models.split(","):
         modes = MODES[backend]
         if model_name in SMALL_MODELS:
-            # The per-batch overhead that matters: compiled `fit`, and a
-            # custom loop that feeds SOAA with `observe_loss`.
-            # Eager `fit` on JAX (the Quickstart's first run) for the MLP.
+            # The per-batch overhead that matters: compiled `fit`, a custom loop
+            # feeding `observe_loss`; eager `fit` on JAX (the Quickstart's) for the MLP.
             modes = [m for m in modes if m != "eager" or backend == "torch"]
             if backend == "jax" and model_name == "mlp_small":
                 modes = [*modes, "eager"]
@@ -431,15 +403,13 @@ def memory_worker(args):
     model.compile(optimizer=optimizer, loss=loss)
     batch = 32 if args.quick else 256
     x, y = make_data(input_shape, classes, batch, args.steps, False)
-    model.fit(x, y, batch_size=batch, epochs=2, verbose=0,
-              callbacks=callbacks)
+    model.fit(x, y, batch_size=batch, epochs=2, verbose=0, callbacks=callbacks)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"peak_rss_mb": peak}))
 
 
 def compile_worker(args):
-    """Graph breaks and recompiles of `torch.compile` (`jit_compile=True`) in
-    a fresh process: two epochs of 4 steps of the small MLP, one side."""
+    """`torch.compile`'s graph breaks and recompiles: 2 epochs of 4 steps, one side."""
     import torch
     from torch._dynamo.utils import (
         clear_compilation_metrics,
@@ -467,12 +437,10 @@ def compile_worker(args):
 # --- the driver --------------------------------------------------------------
 
 
-# glibc's malloc hands big blocks out as fresh mappings, page-faulted in at
-# each use, and moves that threshold with the history of frees: in one process
-# Adam's 50M-parameter `apply` on torch took 150 or 450 ms by turns, depending
-# on what SOAA's step had freed before. Timing workers keep big blocks on the
-# heap, so that neither side's time depends on the other's allocations (peak
-# memory is measured with the system's default).
+# glibc maps big blocks fresh (page-faulted at each use), its threshold moving with
+# past frees: Adam's 50M-parameter torch `apply` took 150 or 450 ms by turns, after
+# what SOAA's step had freed. Timing workers keep big blocks on the heap so neither
+# side's time depends on the other's allocations (peak memory: system defaults).
 HEAP_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4000000000",
                "MALLOC_TRIM_THRESHOLD_": "8000000000"}
 
@@ -525,9 +493,9 @@ def format_report(results):
     for result in results:
         if (a := result["apply"]) is not None:
             lines.append(f"| {result['backend']} | {a['params']:,} in "
-                         f"{a['variables']} | {a['adam']:.1f} | {a['soaa']:.1f}"
-                         f" | {a['soaa'] / a['adam']:.3f} | {a['soaa_hg']:.1f} "
-                         f"| {a['soaa_hg'] / a['adam']:.3f} |")
+                         f"{a['variables']} | {a['adam']:.1f} | {a['soaa']:.1f} | "
+                         f"{a['soaa'] / a['adam']:.3f} | {a['soaa_hg']:.1f} | "
+                         f"{a['soaa_hg'] / a['adam']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -540,8 +508,7 @@ def main(argv=None):
     if args.compile_of:
         return compile_worker(args)
     passthrough = [f"--models={args.models}", f"--steps={args.steps}",
-                   f"--small-steps={args.small_steps}",
-                   f"--repeats={args.repeats}",
+                   f"--small-steps={args.small_steps}", f"--repeats={args.repeats}",
                    f"--apply-params={args.apply_params}",
                    f"--apply-variables={args.apply_variables}",
                    *(["--quick"] if args.quick else [])]
@@ -551,11 +518,9 @@ def main(argv=None):
         result = run_child(backend, ["--worker", backend, *passthrough],
                            None if args.system_malloc else HEAP_MALLOC)
         if backend == "torch" and "mlp_small" in args.models.split(","):
-            print("[torch] counting torch.compile's graph breaks ...",
-                  flush=True)
-            result["compile"] = {name: run_child(
-                backend, ["--compile-of", name, *passthrough])
-                for name in SIDES}
+            print("[torch] counting torch.compile's graph breaks ...", flush=True)
+            result["compile"] = {name: run_child(backend, [
+                "--compile-of", name, *passthrough]) for name in SIDES}
         results.append(result)
         if not only_small(args):
             result["memory"] = {name: run_child(
