@@ -207,12 +207,13 @@ def save(model, radii):
         weights=np.concatenate(
             [keras.ops.convert_to_numpy(w).ravel() for w in model.weights]
         ),
+        # The radius and every variable of the controller (the paper's: the
+        # predicted reduction, loss average and count, previous prediction).
         scalars=np.array(
             [
-                float(keras.ops.convert_to_numpy(getattr(optimizer, name)))
-                for name in ("radius", "loss_average", "loss_count",
-                             "predicted_reduction",
-                             "previous_predicted_reduction")
+                float(keras.ops.convert_to_numpy(variable))
+                for variable in (optimizer.radius,
+                                 *optimizer.controller_state().values())
             ]
         ),
         iterations=int(keras.ops.convert_to_numpy(optimizer.iterations)),
