@@ -191,11 +191,18 @@ def update_step(grads, params, momentums, velocities, weight_decays, scalars, *,
     # From the old moments: before they are updated in place below.
     declared = sums
     sum_vectors = step_sums(declared, grads, momentums, velocities, scalars, epsilon)
-    in_place = applies_to_every_variable(grads, params, scalars, beta_1, beta_2)
+    # Every `g**2` finite, per variable: the skip rule's test, which `addcmul`
+    # (`v + (1 - beta_2) * g * g`, in that order) can miss. `max|g|` is NaN
+    # where `g` holds one.
+    grad_max = torch.stack(torch._foreach_norm(grads, float("inf")))
+    grads_ok = torch.isfinite(grad_max * grad_max)
+    in_place = applies_to_every_variable(grads, params, scalars, beta_1, beta_2,
+                                         grads_ok)
     new_m, new_v = moments(momentums, velocities, grads, beta_1, beta_2, in_place)
     sums = curvature_sums(new_m, new_v)
     sizes = torch.tensor([p.numel() for p in params], dtype=dtype)
     c, is_finite = replayed(_scale_and_check, epsilon=epsilon)(sums, sizes, scalars)
+    is_finite = is_finite & grads_ok
     directions = step_direction(new_m, new_v, c, scalars, epsilon)
     new_params = new_weight(thetas, directions, scalars, weight_decays,
                             [p.dtype for p in params], in_place)
@@ -222,13 +229,14 @@ def _host_reads_are_free(tensor):
     return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-def applies_to_every_variable(grads, params, scalars, beta_1, beta_2):
+def applies_to_every_variable(grads, params, scalars, beta_1, beta_2, grads_ok):
     """Whether the skip rule will apply every variable's step, known up front.
 
     Then `update_step` writes `m`, `v` and `theta` in place (no new arrays).
     On CPU outside `torch.compile` (host reads are free there), for variables
-    of the compute dtype, when the learning rate and every `sum(g**2)` are
-    finite: then so are `new_v` and `c`, as in `maths.moments_are_finite`.
+    of the compute dtype, when the learning rate and every `g**2` are finite
+    (`grads_ok`): then so are `new_v` and `c`, as in
+    `maths.moments_are_finite`.
     Otherwise the step is computed aside and selected per variable.
     """
     return (
@@ -236,7 +244,7 @@ def applies_to_every_variable(grads, params, scalars, beta_1, beta_2):
         and beta_1 <= beta_2
         and all(g.dtype == p.dtype for g, p in zip(grads, params))
         and bool(torch.isfinite(scalars.learning_rate))
-        and bool(torch.isfinite(_dots(zip(grads, grads))).all())
+        and bool(grads_ok.all())
     )
 
 
