@@ -116,10 +116,14 @@ def assert_step_matches(optimizer, variables, reference, before, grads):
             error = np.abs(after[key][i] - expected)
             assert np.all(error <= tol * scale + TINY32), (key, i, error, scale)
         m_hat, v_hat = reference.m[i] / bc1, reference.v[i] / bc2
-        # u carries a relative error up to `tol`; `v_hat * u**2 / 2` has u
-        # squared, so its error is up to `tol * v_hat * u**2`, not half that.
+        # p = lr * sum(m_hat * u - v_hat * u**2 / 2), from SOAA's new m and v,
+        # whose errors are up to `tol` times their scales above (not times
+        # m and v: `v + (g**2 - v) * (1 - beta_2)` cancels where g**2 << v),
+        # and from u, whose relative error follows v's through r (`k`).
+        k = 1 + v_scale / np.maximum(reference.v[i], TINY32)
         predicted_scale += tol * lr * np.sum(
-            np.abs(m_hat * u) + v_hat * u**2
+            m_scale / bc1 * np.abs(u) + k * (np.abs(m_hat * u) + v_hat * u**2)
+            + 0.5 * v_scale / bc2 * u**2
         )
     predicted_error = abs(after["scalars"][3] - reference.predicted_reduction)
     assert predicted_error <= predicted_scale + TINY32, (
