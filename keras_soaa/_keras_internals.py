@@ -10,6 +10,7 @@ run batch ends off its thread) and `TrustRegionCallback.on_epoch_end` (writes
 the controller state again after JAX's `fit` undid it, see there).
 """
 
+import contextlib
 import os
 import sys
 
@@ -81,26 +82,31 @@ def callback_model(callback):
 def train_function_around(model, before, after):
     """Keras' train function for `model`, with a hook around each train step.
 
-    TensorFlow and JAX only. `make_train_function` compiles the `train_step`
-    it finds, so one set on the instance for that moment joins the program (no
-    call or transfer of its own per batch); the model keeps its own.
+    TensorFlow and JAX: `make_train_function` compiles the `train_step` it
+    finds, so one set on the instance for that moment joins the program (no
+    call or transfer of its own per batch); the model keeps its own. torch:
+    the hooked step, uncompiled, called as Keras' torch trainer calls its
+    train function (`one_step_on_data`).
 
-    `kept = before()` runs before the train step and `after(kept)` right after
-    it; both may read and assign the model's, optimizer's and metrics'
-    variables. `after` returns a dict of tensors, added to the step's logs. On
-    JAX the hooks run in a `keras.StatelessScope` over the pure step's state
-    (as `Optimizer.stateless_apply` does), and what `after` assigns goes into
+    `kept = before(data)` runs before the train step on the batch `data`,
+    `after(kept, data, batch_loss)` right after it; both may read and assign
+    the model's, optimizer's and metrics' variables. `batch_loss()` is the
+    loss of `data` at the weights after the step (`batch_loss_after_step`).
+    `after` returns a dict of tensors, added to the step's logs. On JAX the
+    hooks run in a `keras.StatelessScope` over the pure step's state (as
+    `Optimizer.stateless_apply` does), and what `after` assigns goes into
     the state the next step trains from.
     """
     train_step = model.train_step
-    if keras.backend.backend() == "jax":
+    backend = keras.backend.backend()
+    if backend == "jax":
 
         def hooked_step(state, data):
             with StatelessScope(_jax_state_mapping(model, state)):
-                kept = before()
+                kept = before(data)
             logs, state = train_step(state, data)
             with StatelessScope(_jax_state_mapping(model, state)) as scope:
-                output = after(kept)
+                output = after(kept, data, lambda: _jax_batch_loss(model, state, data))
             optimizer_values, metrics_values = (
                 type(values)(scope.get_current_value(v) for v in variables)
                 for values, variables in ((state[2], model.optimizer.variables),
@@ -111,10 +117,13 @@ def train_function_around(model, before, after):
     else:
 
         def hooked_step(data):
-            kept = before()
+            kept = before(data)
             logs = train_step(data)
-            return {**logs, **after(kept)}
+            return {**logs, **after(kept, data, lambda: batch_loss_after_step(
+                model, data))}
 
+    if backend == "torch":
+        return lambda data: hooked_step(data[0])
     own = model.train_function
     model.train_step = hooked_step
     try:
@@ -123,6 +132,43 @@ def train_function_around(model, before, after):
     finally:
         del model.train_step
         model.train_function = own
+
+
+def batch_loss_after_step(model, data):
+    """The unscaled training loss of the batch `data` at the current weights.
+
+    One forward pass in training mode (as the step's loss was computed), run
+    stateless so that it changes no variable (batch-normalization
+    statistics, seed generators); through `_compute_loss`, Keras' call of
+    `compute_loss` that also serves subclasses without its `training`
+    argument. TensorFlow and torch (JAX: `_jax_batch_loss`).
+    """
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    values = ([v.value for v in model.trainable_variables],
+              [v.value for v in model.non_trainable_variables])
+    with _no_gradient():
+        y_pred, _ = model.stateless_call(*values, x, training=True)
+        return model._compute_loss(x=x, y=y, y_pred=y_pred,
+                                   sample_weight=sample_weight, training=True)
+
+
+def _no_gradient():
+    if keras.backend.backend() == "torch":
+        import torch
+
+        return torch.no_grad()
+    return contextlib.nullcontext()
+
+
+def _jax_batch_loss(model, state, data):
+    # Keras' JAX `compute_loss_and_updates` (public, but JAX's trainer only),
+    # stateless as the train step calls it; its scaled loss and new
+    # variables are dropped.
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    _, (unscaled_loss, *_) = model.compute_loss_and_updates(
+        state[0], state[1], state[3], x, y, sample_weight, training=True,
+        optimizer_variables=state[2])
+    return unscaled_loss
 
 
 def _jax_state_mapping(model, state):

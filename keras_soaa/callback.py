@@ -11,6 +11,7 @@ from keras import ops
 
 from keras_soaa import _keras_internals as internals
 from keras_soaa.compile import CompiledCache, compile_state_update, read_value
+from keras_soaa.controllers import LossPair
 from keras_soaa.optimizer import SOAA
 
 
@@ -173,19 +174,59 @@ class _LossHandOver:
         self._assign_tracked(values, pending, unread)
         return {REPORT_LOG: report, "radius": values[0]}
 
+    def pair_in_step(self, kept, batch_loss, update):
+        """The same-batch test inside the train step (`needs_loss_pair`).
+
+        `kept`: the optimizer's count and the tracker's unread sums before
+        the step, whose growth is the batch's loss before it. Observes the
+        pair if the optimizer stepped; returns what `in_step` returns.
+        """
+        iterations_before, total, count = kept
+        tracker = self._tracker
+        count = read_value(tracker.unread_count) - count
+        before = (read_value(tracker.unread_total) - total) / ops.where(
+            count > 0.0, count, 1.0)
+        iterations = read_value(self.optimizer.iterations)
+        ready = ops.logical_and(ops.not_equal(iterations, iterations_before),
+                                count > 0.0)
+        old = self.optimizer._controller_values()
+        new = update(old, LossPair(before, ops.cast(batch_loss(), "float32")),
+                     iterations)
+        values = tuple(ops.where(ready, n, o) for n, o in zip(new, old))
+        self.optimizer._assign_controller_values(values)
+        report = ops.stack([ops.cast(ready, "float32"), before, *values])
+        return {REPORT_LOG: report, "radius": values[0]}
+
     def train_function(self, model):
         """`model`'s train function with `in_step` after each step.
+
+        (`pair_in_step` for a controller with `needs_loss_pair`.)
 
         Built once per train function and observer: later `fit`s reuse it.
         """
         own = internals.own_train_function(model)
         observer = self.optimizer._loss_update()
-        if self._in_step_function[:2] != (own, observer):
-            self._in_step_function = (own, observer, internals.train_function_around(
-                model, lambda: read_value(self.optimizer.iterations),
-                lambda iterations_before: self.in_step(iterations_before, observer),
-            ))
-        return self._in_step_function[2]
+        if self._in_step_function[:2] == (own, observer):
+            return self._in_step_function[2]
+        optimizer, tracker = self.optimizer, self._tracker
+        if observer.controller.needs_loss_pair:
+            def before(data):
+                # `iterations` is computed (gradient accumulation): read it here.
+                return tuple(map(read_value, (optimizer.iterations,
+                                              tracker.unread_total,
+                                              tracker.unread_count)))
+
+            def after(kept, data, batch_loss):
+                return self.pair_in_step(kept, batch_loss, observer)
+        else:
+            def before(data):
+                return read_value(optimizer.iterations)
+
+            def after(kept, data, batch_loss):
+                return self.in_step(kept, observer)
+        function = internals.train_function_around(model, before, after)
+        self._in_step_function = (own, observer, function)
+        return function
 
     def _tracked_sums(self):
         # `(pending, unread)`, each `(total, count)`, from the tracker.
@@ -257,6 +298,11 @@ class TrustRegionCallback(keras.callbacks.Callback):
     the batch(es) trained since its previous call to the controller, weighted
     by batch size as `fit` reports it (with `steps_per_execution > 1`, their
     weighted mean).
+
+    With a controller that tests each step on its own batch
+    (`needs_loss_pair`: `"same_batch"`), it instead hands over, every
+    `controller.every`-th batch, the batch's loss before the step and after
+    it, from one more forward pass of that batch inside the train step.
 
     The hand-over runs on the device: inside the compiled train step where
     `fit` runs one step per execution on JAX or on TensorFlow without a
@@ -337,7 +383,19 @@ class TrustRegionCallback(keras.callbacks.Callback):
         self._decoded = (None, None)  # an in-step report, read on the host
         model = internals.callback_model(self)
         self._in_step = None
-        if _hands_over_in_step(model):
+        controller = self._optimizer.controller
+        # A same-batch test every `every`-th batch (else every batch).
+        self._every, self._batches = getattr(controller, "every", 1), 0
+        if controller.needs_loss_pair and not (
+                keras.backend.backend() == "torch" or _hands_over_in_step(model)):
+            raise ValueError(
+                f"SOAA's controller {controller!r} tests each step on its own "
+                "batch, which `TrustRegionCallback` does inside the train step: "
+                "on torch, and on TensorFlow and JAX with `steps_per_execution=1`, "
+                "`run_eagerly=False`, no `tf.distribute` strategy and no Flax NNX. "
+                "Compile the model so, or train in a custom loop with "
+                "`optimizer.observe_step(loss_before, loss_after)`.")
+        if controller.needs_loss_pair or _hands_over_in_step(model):
             self._in_step = internals.HookedTrainFunction(
                 model, self._hand_over.train_function(model), REPORT_LOG)
         # Hand-over after the batch: the batch begun last if it still owes one,
@@ -379,7 +437,8 @@ class TrustRegionCallback(keras.callbacks.Callback):
     def on_train_batch_begin(self, batch, logs=None):
         """Arms the in-step hand-over, or runs the one the last batch owes."""
         if self._in_step is not None:
-            self._in_step.run_hooked_next = True
+            self._in_step.run_hooked_next = self._batches % self._every == 0
+            self._batches += 1
             return
         if self._owing_batch is not None:  # its step ran: this batch began
             self._hand_over_after_batch()

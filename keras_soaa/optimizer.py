@@ -60,9 +60,15 @@ class _LossUpdate(NamedTuple):
     beta_1: float
     epsilon: float
 
+    def takes(self, loss) -> bool:
+        """Whether the controller reads `loss` (a loss or a `LossPair`)."""
+        controller = self.controller
+        return (controller.needs_loss_pair if isinstance(loss, controllers.LossPair)
+                else controller.needs_loss)
+
     def __call__(self, values, loss, iterations):
-        """The controller's new flat values (unchanged unless `needs_loss`)."""
-        if not self.controller.needs_loss:
+        """The controller's new flat values (unchanged unless it `takes` `loss`)."""
+        if not self.takes(loss):
             return values
         context = controllers.Context(
             ops.cast(iterations, "float32"), *self[1:])
@@ -212,11 +218,13 @@ class SOAA(keras.optimizers.Optimizer):
         `total_steps` and has none (`observe_loss` could not run), else at a
         second `apply` with no `observe_loss` after the first.
         """
-        if (self.controller.needs_loss and not self._loss_observer_attached
+        controller = self.controller
+        if ((controller.needs_loss or controller.needs_loss_pair)
+                and not self._loss_observer_attached
                 and not self._loss_observed and self._applies_without_loss >= 0):
             self._applies_without_loss += 1
             cannot_observe = (self.total_steps is None
-                              and self.controller.needs_total_steps)
+                              and controller.needs_total_steps)
             if (self._applies_without_loss >= 2 or cannot_observe
                     or internals.in_fit()):
                 self._applies_without_loss = -1  # once
@@ -333,16 +341,41 @@ class SOAA(keras.optimizers.Optimizer):
                 `total_steps` and it is `None`, or if `loss` is not one real
                 number (the state is left untouched).
         """
-        validation.require_ready_to_observe(self)
-        loss = validation.loss_as_float32_scalar(loss)
-        self._loss_observed = True
+        validation.require_ready_to_observe(self, "observe_loss")
+        self._observe(validation.loss_as_float32_scalar(loss))
+
+    def observe_step(self, loss_before, loss_after):
+        """Feeds one batch's loss before and after the last step to the controller.
+
+        For a controller with `needs_loss_pair` (`"same_batch"`): call it
+        right after `apply`, with the loss of the batch the step's gradients
+        came from at the weights before the step (the loss you computed
+        them with) and at the weights after it (one more forward pass of
+        that batch). `TrustRegionCallback` does it in `fit`. Other
+        controllers ignore the pair.
+
+        Args:
+            loss_before: a real scalar (as `observe_loss` takes).
+            loss_after: a real scalar.
+
+        Raises:
+            ValueError: as `observe_loss` (the state is left untouched).
+        """
+        validation.require_ready_to_observe(self, "observe_step")
+        self._observe(controllers.LossPair(
+            validation.loss_as_float32_scalar(loss_before, "loss_before"),
+            validation.loss_as_float32_scalar(loss_after, "loss_after")))
+
+    def _observe(self, loss):
+        # `loss`: a float32 scalar, or a `LossPair` of them.
         update = self._loss_update()
+        self._loss_observed = self._loss_observed or update.takes(loss)
         if internals.in_stateless_scope():
             # The scope must see the assignments themselves, not a graph's.
             self._assign_controller_values(
                 update(self._controller_values(), loss, self.iterations))
             return
-        self._compiled.get(update, lambda: compile_state_update(
+        self._compiled.get((update, type(loss)), lambda: compile_state_update(
             lambda loss: (self._controller_values(), loss,
                           read_value(self.iterations)),
             update, self._assign_controller_values,

@@ -47,6 +47,7 @@ _RANGES = {
     ">= 0": (0.0, math.inf, False, True),
     "in (0, 1)": (0.0, 1.0, True, True),
     "in [0, 1)": (0.0, 1.0, False, True),
+    "in (0, 1]": (0.0, 1.0, True, False),
     "finite": (-math.inf, math.inf, True, True),
 }
 
@@ -64,15 +65,21 @@ def real(value, name: str, rule: str, low: float | None = None) -> float:
     return float(value)
 
 
+def positive_int(value, name: str, *, or_none: bool = False) -> int:
+    """`value` as an int, or a `ValueError` naming `name` unless an integer >= 1."""
+    if (not isinstance(value, numbers.Integral)
+            or isinstance(value, (bool, np.bool_)) or value < 1):
+        raise ValueError(
+            f"Argument `{name}` must be {'`None` or ' if or_none else ''}an "
+            f"integer >= 1. Received: {name}={value!r} (of type "
+            f"{type(value).__name__})"
+        )
+    return int(value)
+
+
 def steps(total_steps) -> int:
     """`total_steps` as an int, or a `ValueError` unless an integer >= 1."""
-    if (not isinstance(total_steps, numbers.Integral)
-            or isinstance(total_steps, (bool, np.bool_)) or total_steps < 1):
-        raise ValueError(
-            "Argument `total_steps` must be `None` or an integer >= 1. Received: "
-            f"total_steps={total_steps!r} (of type {type(total_steps).__name__})"
-        )
-    return int(total_steps)
+    return positive_int(total_steps, "total_steps", or_none=True)
 
 
 def validate_hyperparameters(learning_rate, beta_1, beta_2, epsilon, total_steps,
@@ -111,13 +118,13 @@ def as_base_learning_rate(learning_rate):
     return float(learning_rate) if is_real_number(learning_rate) else learning_rate
 
 
-def loss_as_float32_scalar(loss):
+def loss_as_float32_scalar(loss, name: str = "loss"):
     """`loss` as a float32 scalar tensor, or a `ValueError` saying why not."""
     def refuse(why):
         return ValueError(
-            "`observe_loss` takes one real scalar loss (a Python or NumPy "
+            f"Argument `{name}` must be one real scalar loss (a Python or NumPy "
             f"number, or a scalar tensor of a float or integer dtype); {why}. "
-            f"Received: loss={loss!r:.200}"
+            f"Received: {name}={loss!r:.200}"
         )
 
     if loss is None or isinstance(loss, (str, bytes, bool, np.bool_)):
@@ -149,18 +156,21 @@ def no_loss_observed_message(optimizer):
         f"to its controller ({optimizer.controller!r}), so its radius stays at "
         f"initial_radius={optimizer.initial_radius} and never adapts. With "
         "`model.fit`, pass `callbacks=[keras_soaa.TrustRegionCallback()]`; in a "
-        "custom training loop, call `optimizer.observe_loss(loss)` after each "
-        "`apply`"
+        "custom training loop, call "
+        + ("`optimizer.observe_step(loss_before, loss_after)`"
+           if optimizer.controller.needs_loss_pair
+           else "`optimizer.observe_loss(loss)`")
+        + " after each `apply`"
         + (" (with `SOAA(total_steps=...)`)."
            if optimizer.controller.needs_total_steps else ".")
     )
 
 
-def require_ready_to_observe(optimizer):
-    """Raises `ValueError` unless `optimizer.observe_loss` can run now."""
+def require_ready_to_observe(optimizer, method: str):
+    """Raises `ValueError` unless `optimizer.<method>` can run now."""
     if not optimizer.built:
         raise ValueError(
-            "`observe_loss` was called before the optimizer was built: apply "
+            f"`{method}` was called before the optimizer was built: apply "
             "at least one step (or call `optimizer.build(variables)`) first."
         )
     if optimizer.total_steps is None and optimizer.controller.needs_total_steps:

@@ -24,6 +24,10 @@ class ReferenceSOAA:
         radius_learning_rate=0.05,
         min_radius=0.1,
         max_radius=10.0,
+        shrink_below=0.25,
+        grow_above=0.75,
+        shrink=0.5,
+        grow=1.25,
     ):
         self.weights = [np.array(w, dtype=np.float64) for w in weights]
         self.m = [np.zeros_like(w) for w in self.weights]
@@ -39,6 +43,10 @@ class ReferenceSOAA:
         self.radius_learning_rate = radius_learning_rate
         self.min_radius = min_radius
         self.max_radius = max_radius
+        # The same-batch controller's constants and the last step's prediction.
+        self.same_batch = dict(shrink_below=shrink_below, grow_above=grow_above,
+                               shrink=shrink, grow=grow)
+        self.step_prediction = 0.0
         self.iterations = 0
         self.radius = float(initial_radius)
         # The gradient-ratio controller's averages of actual and predicted.
@@ -62,6 +70,7 @@ class ReferenceSOAA:
         self.last_directions = [None] * len(self.weights)
         # Hypergradient: g_t against the previous step's Adam direction.
         alignment = gradient_sq = direction_sq = predicted_alignment = 0.0
+        step_prediction = 0.0
         for i, g in enumerate(grads):
             g = np.asarray(g, dtype=np.float64)
             if not np.all(np.isfinite(g)):
@@ -93,10 +102,11 @@ class ReferenceSOAA:
             self.weights[i] = theta - lr * u
             self.last_directions[i] = u
             self.m[i], self.v[i] = m, v
-            self.predicted_reduction += lr * np.sum(
-                m_hat * u - 0.5 * v_hat * u**2
-            )
+            prediction = lr * np.sum(m_hat * u - 0.5 * v_hat * u**2)
+            self.predicted_reduction += prediction
+            step_prediction += prediction
         self.iterations = t
+        self.step_prediction = step_prediction
         if self.controller == "hypergradient":
             norms = np.sqrt(gradient_sq * direction_sq)
             cosine = alignment / norms if norms > 0 else 0.0
@@ -148,6 +158,18 @@ class ReferenceSOAA:
             self.radius = lower
         self.previous_predicted_reduction = self.predicted_reduction
         self.predicted_reduction = 0.0
+
+    def observe_step(self, before, after):
+        """The same-batch controller's test of the last step (docs/algorithm.md)."""
+        p, constants = self.step_prediction, self.same_batch
+        if not (np.isfinite(before) and p > 0):
+            return
+        rho = (before - after) / p
+        if not np.isfinite(after) or rho < constants["shrink_below"]:
+            self.radius *= constants["shrink"]
+        elif rho > constants["grow_above"]:
+            self.radius *= constants["grow"]
+        self.radius = float(np.clip(self.radius, self.min_radius, self.max_radius))
 
     def loss_for_ratio(self, rho):
         """The loss whose observation gives the ratio `rho` (for test design).

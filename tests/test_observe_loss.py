@@ -75,7 +75,7 @@ def test_bad_loss_inputs_are_rejected_and_change_nothing():
     optimizer.observe_loss(2.5)
     before = snapshot(optimizer, [theta])
     for loss in BAD_LOSSES:
-        with pytest.raises(ValueError, match="`observe_loss` takes one real"):
+        with pytest.raises(ValueError, match="Argument `loss` must be one real scalar"):
             optimizer.observe_loss(loss)
         assert_state_unchanged(before, snapshot(optimizer, [theta]))
 
@@ -87,7 +87,7 @@ def test_bad_loss_tensors_are_rejected_and_change_nothing():
         ops.ones((1,)), ops.ones((2, 2)), ops.zeros((0,)),
         ops.convert_to_tensor(True), ops.convert_to_tensor([1.0, np.nan]),
     ]:
-        with pytest.raises(ValueError, match="`observe_loss` takes one real"):
+        with pytest.raises(ValueError, match="Argument `loss` must be one real scalar"):
             optimizer.observe_loss(loss)
         assert_state_unchanged(before, snapshot(optimizer, [theta]))
 

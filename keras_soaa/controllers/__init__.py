@@ -10,12 +10,14 @@ from keras_soaa.controllers.base import (
     Context,
     Controller,
     LogRadiusController,
+    LossPair,
     Sum,
 )
 from keras_soaa.controllers.gradient_ratio import GradientRatioController
 from keras_soaa.controllers.hypergradient import HypergradientController
 from keras_soaa.controllers.paper import PaperController
 from keras_soaa.controllers.registry import get, names, register, serialize
+from keras_soaa.controllers.same_batch import SameBatchController
 
 # What `SOAA()` uses: the paper's controller.
 DEFAULT = PaperController.name
@@ -28,7 +30,9 @@ __all__ = [
     "GradientRatioController",
     "HypergradientController",
     "LogRadiusController",
+    "LossPair",
     "PaperController",
+    "SameBatchController",
     "Sum",
     "get",
     "names",

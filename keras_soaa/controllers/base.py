@@ -3,7 +3,8 @@
 A controller decides how SOAA's radius `d` moves (docs/algorithm.md,
 "Controllers"): it declares the totals it reads (`sums`) and its own scalars
 (`state`), and implements one pure `keras.ops` function, `update`, which SOAA
-calls after every step, or, with `needs_loss`, after every observed loss.
+calls after every step, or, with `needs_loss`, after every observed loss
+(with `needs_loss_pair`, also after every observed pair of losses).
 """
 
 import json
@@ -43,6 +44,17 @@ class Context(NamedTuple):
     epsilon: float  # SOAA's `epsilon`
 
 
+class LossPair(NamedTuple):
+    """One batch's loss at the weights before a step and right after it.
+
+    The same batch and the same loss both times, so their difference is the
+    reduction the step made on that batch (docs/algorithm.md, "Controllers").
+    """
+
+    before: object
+    after: object
+
+
 class Controller:
     """Base class of SOAA's trust-region controllers.
 
@@ -57,6 +69,9 @@ class Controller:
         state: names of the controller's own float32 scalars (0 at first).
         needs_loss: `update` runs per observed loss (`loss` given) instead
             of after every step; SOAA warns if it trains without losses.
+        needs_loss_pair: `update` runs after every step (`loss=None`) and
+            after every observed `LossPair` of the step just taken (`loss`
+            that pair; the sums then are 0: the step's update cleared them).
         needs_total_steps: `update` reads `context.total_steps`.
     """
 
@@ -64,6 +79,7 @@ class Controller:
     sums: tuple[Sum, ...] = ()
     state: tuple[str, ...] = ()
     needs_loss = False
+    needs_loss_pair = False
     needs_total_steps = False
 
     def update(self, radius, state, sums, context: Context, loss=None):
@@ -71,7 +87,8 @@ class Controller:
 
         `sums` and `state` are named tuples of float32 scalars with the
         declared fields; `loss` is the observed float32 loss where
-        `needs_loss`, else `None`.
+        `needs_loss`, a `LossPair` of float32 losses where
+        `needs_loss_pair` (or `None` after a step), else `None`.
         """
         return radius, state
 
