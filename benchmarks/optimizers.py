@@ -104,6 +104,15 @@ OPTIMIZERS = table(
               lambda lr, steps, model: keras_soaa.SOAA(
                   learning_rate=cosine(lr, steps), controller="gradient_ratio"),
               schedule=True, radius_bounds=constant_bounds("gradient_ratio")),
+    # The same-batch trust-region test (one more forward pass every 4th batch).
+    Optimizer("soaa_sb", "SOAA same-batch", "seagreen",
+              lambda lr, steps, model: keras_soaa.SOAA(
+                  learning_rate=lr, controller="same_batch"),
+              radius_bounds=constant_bounds("same_batch")),
+    Optimizer("soaa_sb_cosine", "SOAA same-batch + cosine", "lime",
+              lambda lr, steps, model: keras_soaa.SOAA(
+                  learning_rate=cosine(lr, steps), controller="same_batch"),
+              schedule=True, radius_bounds=constant_bounds("same_batch")),
     Optimizer("adam", "Adam", "tab:blue",
               lambda lr, steps, model: keras.optimizers.Adam(lr)),
     Optimizer("adam_cosine", "Adam + cosine", "tab:cyan",
