@@ -97,17 +97,30 @@ class Recorder(keras.callbacks.Callback):
             self.probe_seconds += time.perf_counter() - start
 
 
+def keeps_averaged_point(optimizer):
+    """Whether the weights `optimizer` trains are not the point to evaluate:
+    ScheduleFreeAdamW, or any optimizer with an `averaged_point(variable)`."""
+    return (isinstance(optimizer, keras.optimizers.ScheduleFreeAdamW)
+            or callable(getattr(optimizer, "averaged_point", None)))
+
+
 def at_schedule_free_x(model, function):
-    """`function(model)` at ScheduleFreeAdamW's averaged point x = (y − (1 − β1)·z)
-    / β1 (y: the trained weights, put back after; z: their `momentum` slots)."""
+    """`function(model)` at the optimizer's averaged point x (the trained weights
+    put back after): its `averaged_point(variable)` where it has one, else
+    ScheduleFreeAdamW's x = (y − (1 − β1)·z) / β1 (y: the trained weights, z:
+    their `momentum` slots)."""
     optimizer, variables = model.optimizer, model.trainable_variables
     saved = [ops.convert_to_numpy(v) for v in variables]
+    averaged_point = getattr(optimizer, "averaged_point", None)
     beta_1 = float(optimizer.beta_1)
     try:
         for variable, y in zip(variables, saved):
-            z = slot_variable(optimizer, variable, "momentum")
-            x = (y.astype("float64") - (1 - beta_1) * ops.convert_to_numpy(
-                z).astype("float64")) / beta_1
+            if callable(averaged_point):
+                x = ops.convert_to_numpy(averaged_point(variable))
+            else:
+                z = slot_variable(optimizer, variable, "momentum")
+                x = (y.astype("float64") - (1 - beta_1) * ops.convert_to_numpy(
+                    z).astype("float64")) / beta_1
             variable.assign(x.astype(variable.dtype))
         return function(model)
     finally:
@@ -124,7 +137,8 @@ def steps_per_epoch(problem):
 def fit(model, problem, x, y, steps):
     """`fit` for `steps` steps; SOAA with `TrustRegionCallback`."""
     is_soaa = isinstance(model.optimizer, keras_soaa.SOAA)
-    recorder = Recorder(probe=is_soaa)
+    # The Fisher share reads SOAA's `m`, which an averaging SOAA does not keep.
+    recorder = Recorder(probe=is_soaa and not keeps_averaged_point(model.optimizer))
     callbacks = [keras_soaa.TrustRegionCallback()] if is_soaa else []
     chunk = steps_per_epoch(problem)
     model.fit(x, y, batch_size=problem.batch_size, epochs=steps // chunk,
@@ -181,7 +195,7 @@ def run(model, problem, name, learning_rate, seed):
     finite = bool(np.isfinite(final))
     held_out = problem.held_out(model) if finite else None
     held_out_x = None
-    if isinstance(optimizer, keras.optimizers.ScheduleFreeAdamW) and finite:
+    if keeps_averaged_point(optimizer) and finite:
         held_out_x = at_schedule_free_x(model, problem.held_out)
     return {
         "seed": seed, "loss": recorder.losses, "time": recorder.times,

@@ -365,7 +365,8 @@ def test_research_registers_nothing_on_import():
     sys.path.insert(0, str(ROOT / "research"))
     try:
         for module in ("targets", "designs", "controller_designs",
-                       "tune_controller", "controller_signal"):
+                       "tune_controller", "controller_signal", "schedule_free_soaa",
+                       "candidates"):
             try:
                 __import__(module)
             except (ImportError, AttributeError) as error:
