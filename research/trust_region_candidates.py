@@ -1,0 +1,110 @@
+"""The trust-region candidates against the best peer, on steps and on the clock.
+
+    python research/trust_region_candidates.py RUN_DIR [RUN_DIR ...] [--out FILE]
+
+Reads each `benchmarks/compare.py` run folder (`results.json`) and, per set
+(calibration, held-out), writes one table row per SOAA configuration:
+
+- **worst ratio**: the largest ratio, over the problems, of its final training
+  loss to the best peer's (the best of tuned Adam, Adam + cosine and
+  ScheduleFreeAdamW); the report's tie rule gives wins / ties / losses;
+- **within 5% of Adam**: problems where its final loss is at most 1.05x tuned
+  constant-rate Adam's;
+- **clock**: the largest ratio, over the problems, of the seconds it takes to
+  reach the best peer's final loss (its seed-averaged curve, the same trailing
+  window) to the seconds the best peer's whole run takes; every extra pass
+  (the same-batch test's forward pass) is in its measured time. "not reached"
+  where its curve never gets there.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "benchmarks"))
+
+import report  # noqa: E402
+from optimizers import PEERS, label  # noqa: E402
+
+
+def seconds_to(item, target, window):
+    """Seconds until the tuned runs' mean curve reaches `target` (or `inf`)."""
+    if "curve" not in item:
+        return math.inf
+    smooth = report.trailing_mean(item["curve"], window)
+    reached = np.nonzero(smooth <= target * (1 + 1e-9))[0]
+    if not len(reached):
+        return math.inf
+    return float(report.wall_clock(item["runs"])[reached[0]])
+
+
+def rows(results):
+    """Per SOAA configuration: its figures over the problems of `results`."""
+    summaries = {p: report.summarize(e) for p, e in results.items()}
+    names = dict.fromkeys(o for e in results.values() for o in e["runs"]
+                          if o not in PEERS and o not in ("adamw", "muon", "lion"))
+    found = {}
+    for name in names:
+        figures = report.worst_case(summaries, name)
+        words, clocks = {"wins": 0, "ties": 0, "loses": 0}, {}
+        for problem, summary in summaries.items():
+            peer = report.best_peer(summary)
+            if name not in summary or peer is None:
+                continue
+            mine, best = summary[name], summary[peer]
+            words[report.compare_finals(mine["final"], best["final"])] += 1
+            window = results[problem]["problem"]["final_window"]
+            peer_seconds = float(report.wall_clock(best["runs"])[-1])
+            clocks[problem] = seconds_to(mine, best["final"]["mean"],
+                                         window) / peer_seconds
+        worst_clock = max(clocks, key=clocks.get) if clocks else None
+        found[name] = (figures, words, clocks, worst_clock)
+    return found
+
+
+def table(results):
+    """The markdown table of `rows(results)`."""
+    lines = ["| configuration | worst ratio (problem) | wins / ties / losses | "
+             "within 5% of Adam | clock: worst time ratio (problem) |",
+             "|---|---|---|---|---|"]
+    for name, (figures, words, clocks, worst_clock) in rows(results).items():
+        worst = figures["worst"]
+        clock = clocks.get(worst_clock, math.inf)
+        lines.append(
+            f"| {label(name)} | {worst:.2f} ({figures['worst_problem']}) | "
+            f"{words['wins']} / {words['ties']} / {words['loses']} | "
+            f"{figures['near_adam']} of {figures['with_adam']} | "
+            + ("not reached" if not math.isfinite(clock) else f"{clock:.2f}")
+            + f" ({worst_clock}) |")
+    return lines
+
+
+def main(argv=None):
+    """Prints (and with `--out` writes) the tables of the run folders given."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+")
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    lines = ["# Trust-region candidates against the best peer", ""]
+    for folder in args.runs:
+        with open(os.path.join(folder, "results.json")) as file:
+            saved = json.load(file)
+        results = saved["results"] if "results" in saved else saved
+        sets = sorted({e["problem"].get("set", "?") for e in results.values()})
+        for name in sets:
+            part = {p: e for p, e in results.items() if e["problem"].get("set") == name}
+            lines += [f"## {name} ({', '.join(part)})", "", *table(part), ""]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as file:
+            file.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
