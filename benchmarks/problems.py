@@ -4,7 +4,7 @@ One table, `PROBLEMS`, of `Problem(...)` rows holding everything about each (set
 data, model, loss, steps, rate grid, held-out metric, expected cost). A seed fixes
 the initial weights and batch order; the data is the same for every seed, optimizer
 and rate. Sets: `calibration` (six; a controller's constants may be tuned on them)
-and `held_out` (seven others, different in data and architecture, never looked at
+and `held_out` (ten others, different in data and architecture, never looked at
 while tuning; an optimizer is judged on them).
 """
 
@@ -423,6 +423,142 @@ def shapes_data(n_train=6000, n_test=1000, size=16, noise=0.3):
     return (images[:n_train], labels[:n_train]), (images[n_train:], labels[n_train:])
 
 
+def language_reference_text():
+    """The Python language reference that CPython ships for `help()`: the text of
+    every topic of `pydoc_data.topics`, in sorted order."""
+    from pydoc_data.topics import topics
+
+    return "\n".join(topics[name] for name in sorted(topics))
+
+
+def hub_lm_model(seq_len, dim, heads, layers):
+    """A causal Transformer of keras-hub's layers, randomly initialised: token and
+    position embedding, `layers` pre-norm `TransformerDecoder` blocks (no encoder:
+    causal self-attention only), a final LayerNormalization and next-character
+    logits."""
+    import keras_hub  # the `hub` extra: imported only when this model is built
+
+    tokens = keras.Input((seq_len,), dtype="int32")
+    x = keras_hub.layers.TokenAndPositionEmbedding(
+        transformer_lm.VOCAB_SIZE, seq_len, dim)(tokens)
+    for _ in range(layers):
+        x = keras_hub.layers.TransformerDecoder(
+            4 * dim, heads, activation="gelu", normalize_first=True)(x)
+    x = keras.layers.LayerNormalization(epsilon=1e-5)(x)
+    return keras.Model(tokens, keras.layers.Dense(transformer_lm.VOCAB_SIZE)(x))
+
+
+def hub_lm_problem(seq_len, dim, heads, layers, step_ms, quick=None, batch_size=32):
+    def data():
+        train_ids, held_out_ids = transformer_lm.split_ids(language_reference_text())
+        return (train_ids, train_ids), (held_out_ids, held_out_ids)
+
+    return Problem(
+        "hub_lm", "held_out",
+        f"keras-hub Transformer language model (TokenAndPositionEmbedding, {layers} "
+        f"pre-norm TransformerDecoder blocks, width {dim}, {heads} heads, context "
+        f"{seq_len}; random initialisation) at character level on {{k_train}}K "
+        "characters of the Python language reference CPython ships "
+        "(`pydoc_data.topics`), the last {k_test}K held out, batch "
+        f"{batch_size} random windows, cross-entropy (nats/char)",
+        steps=400, batch_size=batch_size, lrs=log_grid(-3.5, 7),
+        data=functools.cache(data), step_ms=step_ms,
+        model=lambda seed: hub_lm_model(seq_len, dim, heads, layers),
+        loss=transformer_lm.lm_loss, metric=PERPLEXITY,
+        stream=lambda ids, _, seed, steps, batch: transformer_lm.random_windows(
+            ids, steps * batch, seq_len, seed),
+        quick=quick)
+
+
+@functools.cache
+def topic_bag_data(n_train=32000, n_test=2000, vocab=2000, length=20, classes=8,
+                   topic_words=100, common=200, flip=0.05):
+    """Token sequences whose class is a hidden topic: each class owns
+    `topic_words` words drawn outside the `common` most frequent background words
+    (topics may share words), and a sequence mixes a share U(0.1, 0.35) of its
+    class' topic words, half that of another topic's (a distractor) and the rest
+    background words (Zipf-distributed over the whole vocabulary); `flip` of the
+    labels are then drawn at random. Enough sequences for one pass of the
+    problem's steps: every training batch is new."""
+    rng = np.random.default_rng(0)
+    topics = np.stack([rng.choice(np.arange(common, vocab), topic_words,
+                                  replace=False) for _ in range(classes)])
+    zipf = 1.0 / np.arange(1, vocab + 1)
+    n = n_train + n_test
+    labels = rng.integers(0, classes, n)
+    distractor = (labels + rng.integers(1, classes, n)) % classes
+    share = rng.uniform(0.1, 0.35, n)[:, None]
+    draw = rng.uniform(0, 1, (n, length))
+    tokens = np.where(
+        draw < share, topics[labels[:, None], rng.integers(0, topic_words,
+                                                           (n, length))],
+        np.where(draw < 1.5 * share,
+                 topics[distractor[:, None], rng.integers(0, topic_words,
+                                                          (n, length))],
+                 rng.choice(vocab, (n, length), p=zipf / zipf.sum())))
+    flipped = rng.uniform(0, 1, n) < flip
+    labels = np.where(flipped, rng.integers(0, classes, n), labels)
+    tokens, labels = tokens.astype("int32"), labels.astype("int32")
+    return (tokens[:n_train], labels[:n_train]), (tokens[n_train:], labels[n_train:])
+
+
+GRATING_CLASSES = 8  # 4 orientations x 2 spatial-frequency bands
+
+
+@functools.cache
+def gratings_data(n_train=12000, n_test=2000, size=16, noise=0.9):
+    """16x16 Gabor-like patches: a sinusoidal grating (orientation 0, 45, 90 or 135
+    degrees ± U(−20, 20), 0.12 or 0.24 cycles per pixel ± 20%, random phase and
+    contrast) under a Gaussian window at a random place, plus N(0, noise²) pixels;
+    the class is (orientation, frequency band): 8 classes, told apart only
+    through the noise near the jitter's edges and in faint or small patches."""
+    rng = np.random.default_rng(0)
+    n = n_train + n_test
+    labels = rng.integers(0, GRATING_CLASSES, n)
+
+    def draw(low, high):
+        return rng.uniform(low, high, n)[:, None, None]
+
+    angle = np.deg2rad(45.0 * (labels % 4))[:, None, None] + np.deg2rad(draw(-20, 20))
+    frequency = np.where(labels < 4, 0.12, 0.24)[:, None, None] * draw(0.8, 1.2)
+    rows, cols = np.mgrid[0:size, 0:size].astype("float64")
+    wave = np.sin(2 * np.pi * frequency * (cols * np.cos(angle) + rows * np.sin(angle))
+                  + draw(0, 2 * np.pi))
+    cy, cx = draw(4, size - 5), draw(4, size - 5)
+    width = draw(3, 6)
+    window = np.exp(-((rows - cy) ** 2 + (cols - cx) ** 2) / (2 * width**2))
+    images = (draw(0.6, 1.2) * wave * window
+              + noise * rng.standard_normal((n, size, size)))
+    images = images[..., None].astype("float32")
+    labels = labels.astype("int32")
+    return (images[:n_train], labels[:n_train]), (images[n_train:], labels[n_train:])
+
+
+def resnet_model(seed, size=16, filters=(16, 32, 64), blocks=2,
+                 classes=GRATING_CLASSES):
+    """A small ResNet: a conv stem, then per stage `blocks` basic residual blocks
+    (conv-BN-ReLU-conv-BN, added to the input, ReLU), the first of each stage after
+    the first at stride 2 with a 1x1 conv-BN shortcut; global average pooling and
+    a dense layer."""
+    layers = keras.layers
+
+    def conv_bn(x, width, strides=1, kernel=3):
+        x = layers.Conv2D(width, kernel, strides=strides, padding="same",
+                          use_bias=False)(x)
+        return layers.BatchNormalization()(x)
+
+    inputs = keras.Input((size, size, 1))
+    x = layers.Activation("relu")(conv_bn(inputs, filters[0]))
+    for stage, width in enumerate(filters):
+        for block in range(blocks):
+            strides = 2 if stage > 0 and block == 0 else 1
+            shortcut = (conv_bn(x, width, strides, kernel=1) if strides > 1 else x)
+            h = layers.Activation("relu")(conv_bn(x, width, strides))
+            x = layers.Activation("relu")(layers.Add()([shortcut, conv_bn(h, width)]))
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, layers.Dense(classes)(x))
+
+
 # == the table ======================================================================
 
 
@@ -530,6 +666,30 @@ PROBLEMS = table(
         steps=2000, batch_size=32, lrs=log_grid(-3.25, 7),
         data=lambda: classification_data(10000, 40, 25, 5, 10, 1, 0.05, 1.5, 1, 8000),
         model=stack((40,), dense(10)), step_ms=0.1),
+    # The held-out set's most expensive problem (about an hour of `--full`).
+    # `--quick` runs a smaller Transformer (the quick run is dominated by
+    # compilation).
+    hub_lm_problem(64, 64, 4, 2, step_ms=50.0,
+                   quick=hub_lm_problem(32, 32, 2, 1, step_ms=6.0)),
+    Problem("embedding_bag", "held_out",
+        "bag of embeddings: Embedding(2000, 32) (sparse gradients on TensorFlow), "
+        "global average pooling, dense 8, on generated sequences of 20 tokens whose "
+        "class is a hidden topic (100 words each, outside the 200 commonest, mixed "
+        "with a distractor topic and Zipf-distributed background words; 5% of "
+        "labels random), {n_train} train (one pass) / {n_test} held-out, batch 64, "
+        "cross-entropy",
+        steps=500, batch_size=64, lrs=log_grid(-3.25, 7), data=topic_bag_data,
+        model=stack((20,), lambda: keras.layers.Embedding(2000, 32),
+                    keras.layers.GlobalAveragePooling1D, dense(8)), step_ms=0.6),
+    Problem("resnet_cnn", "held_out",
+        "ResNet (conv stem, 3 stages of 2 residual blocks with BatchNormalization, "
+        "16/32/64 filters, global average pooling, dense 8; 176K weights) on "
+        "generated 16x16 "
+        "Gabor-like patches, 4 orientations x 2 spatial frequencies with jitter, "
+        "random place, phase and contrast, pixel noise std 0.9, {n_train} train / "
+        "{n_test} held-out images, batch 64, cross-entropy ({epochs} epochs)",
+        steps=400, batch_size=64, lrs=log_grid(-3.5, 7), data=gratings_data,
+        model=resnet_model, step_ms=20.0),
 )
 
 

@@ -100,9 +100,9 @@ def test_the_three_modes():
 def test_the_sets():
     calibration, held_out = (problems.in_set("calibration"),
                              problems.in_set("held_out"))
-    assert len(held_out) == 7 and not set(calibration) & set(held_out)
+    assert len(held_out) == 10 and not set(calibration) & set(held_out)
     assert problems.in_set("all") == calibration + held_out
-    fast = [n for n in held_out if n != "shapes_cnn"]
+    fast = [n for n in held_out if n not in ("shapes_cnn", "hub_lm", "resnet_cnn")]
     assert chosen(["--set", "held_out"]) == fast
     assert chosen(["--full", "--set", "held_out"]) == held_out
     assert chosen(["--set", "all"]) == chosen([]) + fast
@@ -231,7 +231,7 @@ def test_a_reused_compiled_model_reproduces_fresh_runs(problem, name, lrs):
 
 
 # Their models take seconds to build eagerly; `compare.py --quick` runs them.
-SLOW_MODELS = ("char_lm", "digits_cnn", "shapes_cnn")
+SLOW_MODELS = ("char_lm", "digits_cnn", "shapes_cnn", "hub_lm", "resnet_cnn")
 
 
 def test_every_problem_gives_its_data_and_its_model_evaluates():
