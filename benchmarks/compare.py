@@ -72,7 +72,7 @@ MODES = {
                     ("soaa_cosine", "soaa", "soaa_hd", "adam", "adam_cosine",
                      "schedulefree"), 3, None, "full"),
     "full": Mode("the results tables, about 20 min on the calibration set "
-                 "(about 3 h held-out)", "all",
+                 "(about 2 h held-out)", "all",
                  ("soaa", "soaa_cosine", "soaa_hd", "soaa_hd_cosine", "soaa_gr",
                   "soaa_gr_cosine", "adam", "adam_cosine", "schedulefree"),
                  3, None, "full"),

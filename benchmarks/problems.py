@@ -461,7 +461,9 @@ def hub_lm_problem(seq_len, dim, heads, layers, step_ms, quick=None, batch_size=
         "characters of the Python language reference CPython ships "
         "(`pydoc_data.topics`), the last {k_test}K held out, batch "
         f"{batch_size} random windows, cross-entropy (nats/char)",
-        steps=400, batch_size=batch_size, lrs=log_grid(-3.5, 7),
+        # Three rates half a decade apart, as for `char_lm`: the held-out set's
+        # most expensive problem.
+        steps=400, batch_size=batch_size, lrs=log_grid(-3.25, 3, per_decade=2),
         data=functools.cache(data), step_ms=step_ms,
         model=lambda seed: hub_lm_model(seq_len, dim, heads, layers),
         loss=transformer_lm.lm_loss, metric=PERPLEXITY,
@@ -688,8 +690,9 @@ PROBLEMS = table(
         "Gabor-like patches, 4 orientations x 2 spatial frequencies with jitter, "
         "random place, phase and contrast, pixel noise std 0.9, {n_train} train / "
         "{n_test} held-out images, batch 64, cross-entropy ({epochs} epochs)",
-        steps=400, batch_size=64, lrs=log_grid(-3.5, 7), data=gratings_data,
-        model=resnet_model, step_ms=20.0),
+        # Three rates half a decade apart: the second most expensive.
+        steps=400, batch_size=64, lrs=log_grid(-3.25, 3, per_decade=2),
+        data=gratings_data, model=resnet_model, step_ms=20.0),
 )
 
 
