@@ -382,7 +382,7 @@ class TrustRegionCallback(keras.callbacks.Callback):
         self._report = None  # from the last hand-over after a batch
         self._decoded = (None, None)  # an in-step report, read on the host
         model = internals.callback_model(self)
-        self._in_step = None
+        self._in_step = self._in_step_radius = None
         controller = self._optimizer.controller
         # A same-batch test every `every`-th batch (else every batch).
         self._every, self._batches = getattr(controller, "every", 1), 0
@@ -447,11 +447,17 @@ class TrustRegionCallback(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         """Observes the loss of the batch(es) trained since the last step.
 
-        An in-step hand-over also put the radius in the logs: nothing to do.
-        Elsewhere the hand-over runs now, or, off `fit`'s thread, later on it
-        (the logs then carry the radius as of the batch before).
+        An in-step hand-over also put the radius in the logs: nothing to do
+        (a batch between same-batch tests gets the last test's radius, which
+        no step has moved since). Elsewhere the hand-over runs now, or, off
+        `fit`'s thread, later on it (the logs then carry the radius as of the
+        batch before).
         """
         if self._in_step is not None:
+            if logs is not None and "radius" in logs:
+                self._in_step_radius = logs["radius"]
+            elif logs is not None and self._in_step_radius is not None:
+                logs["radius"] = self._in_step_radius
             return
         self._ended = batch
         if threading.get_ident() == self._fit_thread:

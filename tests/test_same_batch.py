@@ -135,8 +135,10 @@ class Recorder(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         optimizer = self.model.optimizer
+        radius = float(to_numpy(optimizer.radius))
+        assert float(to_numpy(logs["radius"])) == radius  # every batch's logs
         self.rows.append((self.before, [w.copy() for w in self.model.get_weights()],
-                          float(to_numpy(optimizer.radius)), float(to_numpy(
+                          radius, float(to_numpy(
                               optimizer.controller_state()["step_prediction"]))))
 
 
