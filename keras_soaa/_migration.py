@@ -30,14 +30,19 @@ MOVED = {"radius_bound": "radius_bound", "radius_learning_rate": "learning_rate"
          "min_radius": "min_radius", "max_radius": "max_radius"}
 
 
-def _with_moved(controller, moved: dict):
-    # The controller with those of `moved` its `__init__` takes.
-    controller = controllers.get(controller)
+def _taken(controller, moved: dict) -> dict:
+    # Those of `moved` the controller's `__init__` takes, in its spelling.
     accepted = inspect.signature(type(controller).__init__).parameters
-    moved = {MOVED[k]: v for k, v in moved.items() if MOVED[k] in accepted}
-    if not moved:
+    return {MOVED[k]: v for k, v in moved.items() if MOVED[k] in accepted}
+
+
+def _with_moved(controller, moved: dict):
+    # The controller given those of `moved` it takes.
+    controller = controllers.get(controller)
+    taken = _taken(controller, moved)
+    if not taken:
         return controller
-    return type(controller).from_config({**controller.get_config(), **moved})
+    return type(controller).from_config({**controller.get_config(), **taken})
 
 
 def controller_with_deprecated_arguments(controller, kwargs: dict):
@@ -50,9 +55,8 @@ def controller_with_deprecated_arguments(controller, kwargs: dict):
     if not moved:
         return controller
     cls = type(controllers.get(controller))
-    accepted = inspect.signature(cls.__init__).parameters
-    spelled = ", ".join(f"{MOVED[k]}={v!r}" for k, v in moved.items()
-                        if MOVED[k] in accepted)
+    spelled = ", ".join(f"{k}={v!r}" for k, v in _taken(
+        controllers.get(controller), moved).items())
     warnings.warn(
         f"SOAA's arguments {', '.join(f'`{k}`' for k in moved)} are deprecated "
         "and will be removed in the next release: they are the controller's "

@@ -66,13 +66,16 @@ class _LossUpdate(NamedTuple):
         return (controller.needs_loss_pair if isinstance(loss, controllers.LossPair)
                 else controller.needs_loss)
 
+    def context(self, step) -> controllers.Context:
+        """The `Context` at step `step` (t, as a float32 scalar)."""
+        return controllers.Context(ops.cast(step, "float32"), *self[1:])
+
     def __call__(self, values, loss, iterations):
         """The controller's new flat values (unchanged unless it `takes` `loss`)."""
         if not self.takes(loss):
             return values
-        context = controllers.Context(
-            ops.cast(iterations, "float32"), *self[1:])
-        return _controller_update(self.controller, context, values, loss)
+        return _controller_update(self.controller, self.context(iterations), values,
+                                  loss)
 
 
 def _controller_variable(name):
@@ -319,8 +322,8 @@ class SOAA(keras.optimizers.Optimizer):
         # losses updates from the step's sums (`backends.update_variables`).
         if self.controller.needs_loss:
             return
-        context = controllers.Context(  # `iterations` is incremented after
-            ops.cast(self.iterations, "float32") + 1.0, *self._loss_update()[1:])
+        # `iterations` is incremented after.
+        context = self._loss_update().context(ops.add(self.iterations, 1))
         self._assign_controller_values(_controller_update(
             self.controller, context, self._controller_values()))
 
