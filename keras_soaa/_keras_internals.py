@@ -1,6 +1,8 @@
 """Every use of Keras internals in keras-soaa, each with why it is needed.
 
-Checked against Keras 3.15 (`pyproject.toml` pins `keras>=3.15,<4`); the tests
+Checked against Keras 3.15.1, 3.14.1, 3.13.2 and keras-nightly
+3.16.0.dev2026102704 (`pyproject.toml` pins `keras>=3.13.2,<4`;
+`tests/compat_keras.py` runs the core tests on other releases); the tests
 exercise each on TensorFlow, JAX and torch. keras-soaa also overrides hooks
 that Keras' own optimizers and callbacks override: `SOAA._backend_update_step`
 (the backend's update path, `keras_soaa.backends.update_variables`),

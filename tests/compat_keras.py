@@ -21,7 +21,9 @@ errors, seconds. The pytest output of each run is kept beside its venv in
 `DIR/<venv>/pytest-<backend>.log`, and the failing tests' short summary
 lines (with their messages) are printed under the table. Arguments after
 `--` go to pytest, e.g. `-- -k "not golden"` to leave out the golden-file
-tests (`.keras` files written by Keras 3.15, which older Keras can't load).
+tests (`.keras` files written by Keras 3.15, which older Keras can't load:
+there they skip themselves, as the torch run's `format="torch"` export does)
+or `-- tests/test_same_batch.py` to run another file too.
 Exits 1 if an install fails or any run fails or runs no test.
 
 Keras older than the one `pyproject.toml` requires is expected to fail in
@@ -133,13 +135,15 @@ def main():
         "--root", type=Path,
         default=Path(tempfile.gettempdir()) / "keras-soaa-compat",
     )
-    parser.add_argument(
-        "--keras", nargs="+", default=["keras-nightly", "keras==3.13.2"]
-    )
-    parser.add_argument("--backends", nargs="+", default=list(BACKENDS))
+    # "extend": a repeated `--keras` adds to the list (a plain `nargs="+"`
+    # keeps only the last one); the defaults apply when none is given.
+    parser.add_argument("--keras", nargs="+", action="extend")
+    parser.add_argument("--backends", nargs="+", action="extend")
     parser.add_argument("--tree", type=Path, default=ROOT)
     parser.add_argument("pytest_args", nargs="*")
     args = parser.parse_args()
+    args.keras = args.keras or ["keras-nightly", "keras==3.13.2"]
+    args.backends = args.backends or list(BACKENDS)
     root = args.root.resolve()
     if root == ROOT or ROOT in root.parents:
         parser.error("--root must be outside the repository")
