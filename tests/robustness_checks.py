@@ -104,10 +104,15 @@ def assert_step_matches(optimizer, variables, reference, before, grads):
         g = np.asarray(grads[i], dtype=np.float64)
         tol = step_tolerance(g.size)
         decay = lr * (reference.weight_decay or 0.0)
-        theta_scale = (np.abs(before["weights"][i]) * (1 + decay)
-                       + lr * np.abs(u))
         m_scale = np.abs(before["m"][i]) + np.abs(g)
         v_scale = before["v"][i] + g**2
+        # u's relative error follows v's through r (as in the predicted
+        # reduction's bound below): `v + (g**2 - v) * (1 - beta_2)` cancels
+        # where g**2 << v at small beta_2, leaving v an error of `tol` times
+        # `v_scale`, not times v.
+        k = 1 + v_scale / np.maximum(reference.v[i], TINY32)
+        theta_scale = (np.abs(before["weights"][i]) * (1 + decay)
+                       + lr * np.abs(u) * k)
         for key, expected, scale in (
             ("weights", reference.weights[i], theta_scale),
             ("m", reference.m[i], m_scale),
