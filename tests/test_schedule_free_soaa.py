@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 from conftest import to_numpy
+from test_benchmark import TINY
 
 import keras_soaa
 from keras_soaa.controllers import HypergradientController, PaperController
@@ -19,7 +20,6 @@ sys.path.insert(0, str(ROOT / "research"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import optimizers  # noqa: E402
-import problems  # noqa: E402
 import runner  # noqa: E402
 import schedule_free_soaa  # noqa: E402
 from schedule_free_soaa import ScheduleFreeSOAA  # noqa: E402
@@ -235,20 +235,6 @@ def test_fit_with_the_trust_region_callback():
         x_point = to_numpy(optimizer.averaged_point(variable))
         np.testing.assert_allclose(0.1 * to_numpy(z) + 0.9 * x_point,
                                    to_numpy(variable), rtol=1e-5, atol=1e-6)
-
-
-def tiny_data():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(64, 3)).astype("float32")
-    y = (x @ np.array([[1.0], [-2.0], [0.5]]) + 0.1).astype("float32")
-    return (x[:48], y[:48]), (x[48:], y[48:])
-
-
-TINY = problems.Problem(
-    "tiny", "calibration", "linear regression, {n_train} train / {n_test} "
-    "held-out", steps=10, batch_size=8, lrs=(0.01, 0.1),
-    data=tiny_data, model=problems.stack((3,), problems.dense(1)),
-    loss=keras.losses.MeanSquaredError, metric=problems.MSE, step_ms=0.1)
 
 
 @pytest.fixture

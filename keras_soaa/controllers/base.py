@@ -138,17 +138,27 @@ class LogRadiusController(Controller):
 
     def validate(self, initial_radius: float):
         """Requires `min_radius <= initial_radius <= max_radius`."""
-        if not self.min_radius <= initial_radius <= self.max_radius:
-            raise ValueError(
-                "Argument `initial_radius` must lie in [min_radius, max_radius] "
-                f"of the controller {self!r}. Received: "
-                f"initial_radius={initial_radius!r}"
-            )
+        require_within_bounds(self, initial_radius)
 
     def clip(self, log_radius):
         """`exp(clip(log d, log min_radius, log max_radius))`."""
-        return ops.exp(ops.clip(log_radius, math.log(self.min_radius),
-                                math.log(self.max_radius)))
+        return clip_radius(self, log_radius)
+
+
+def require_within_bounds(controller, initial_radius: float):
+    """Raises `ValueError` unless `min_radius <= initial_radius <= max_radius`."""
+    if not controller.min_radius <= initial_radius <= controller.max_radius:
+        raise ValueError(
+            "Argument `initial_radius` must lie in [min_radius, max_radius] "
+            f"of the controller {controller!r}. Received: "
+            f"initial_radius={initial_radius!r}"
+        )
+
+
+def clip_radius(controller, log_radius):
+    """`exp(clip(log d, log min_radius, log max_radius))` of the controller."""
+    return ops.exp(ops.clip(log_radius, math.log(controller.min_radius),
+                            math.log(controller.max_radius)))
 
 
 def masked_average(average, value, valid, decay: float):

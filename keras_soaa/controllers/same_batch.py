@@ -1,11 +1,16 @@
 """The classical trust-region test, on the batch the step was computed from."""
 
-import math
-
 from keras import ops
 
 from keras_soaa import validation
-from keras_soaa.controllers.base import PREDICTED_REDUCTION, Context, Controller, Sum
+from keras_soaa.controllers.base import (
+    PREDICTED_REDUCTION,
+    Context,
+    Controller,
+    Sum,
+    clip_radius,
+    require_within_bounds,
+)
 from keras_soaa.controllers.registry import register
 
 
@@ -68,12 +73,7 @@ class SameBatchController(Controller):
 
     def validate(self, initial_radius: float):
         """Requires `min_radius <= initial_radius <= max_radius`."""
-        if not self.min_radius <= initial_radius <= self.max_radius:
-            raise ValueError(
-                "Argument `initial_radius` must lie in [min_radius, max_radius] "
-                f"of the controller {self!r}. Received: "
-                f"initial_radius={initial_radius!r}"
-            )
+        require_within_bounds(self, initial_radius)
 
     def update(self, radius, state, sums, context: Context, loss=None):
         """After a step, keeps its prediction; after a pair, the rule above."""
@@ -86,6 +86,5 @@ class SameBatchController(Controller):
                 ops.isfinite(loss.after))), self.shrink,
             ops.where(rho > self.grow_above, self.grow, 1.0))
         informative = ops.logical_and(ops.isfinite(loss.before), prediction > 0.0)
-        moved = ops.exp(ops.clip(ops.log(radius * factor), math.log(self.min_radius),
-                                 math.log(self.max_radius)))
+        moved = clip_radius(self, ops.log(radius * factor))
         return ops.where(informative, moved, radius), state
