@@ -4,7 +4,8 @@
         --optimizers sf_soaa,sf_soaa_hd,adam --out DIR
 
 Takes `compare.py`'s arguments. The candidates (`schedule_free_soaa.install()`:
-`sf_soaa`, `sf_soaa_hd`) join the table for this run only; nothing is
+`sf_soaa`, `sf_soaa_hd`, `sf_soaa_r1`, `sf_soaa_r2`; `batch_prediction.install()`:
+`soaa_sbg`, `soaa_sbg_cosine`) join the table for this run only; nothing is
 registered on import.
 """
 
@@ -24,10 +25,17 @@ def main(argv=None):
     backend.add_argument("--backend")
     # Before Keras is imported; `compare.main` parses the rest.
     compare.select_backend(backend.parse_known_args(argv)[0].backend)
+    install()
+    return compare.main(argv)
+
+
+def install():
+    """Adds every research candidate's rows to the benchmark's table."""
+    import batch_prediction
     import schedule_free_soaa
 
     schedule_free_soaa.install()
-    return compare.main(argv)
+    batch_prediction.install()
 
 
 if __name__ == "__main__":

@@ -17,9 +17,15 @@ c     = 1 + sum(g**2) / sum(v_hat + epsilon)        # sums over this variable
 u     = d * g / (maximum(d * c * v_hat, sqrt(v_hat)) + epsilon)
 z     = z - lr * weight_decay * z - lr * u           # decay if set, as SOAA's
 x_old = (y - (1 - beta_1) * z_old) / beta_1
-x     = (1 - 1/t) * x_old + (1/t) * z
+x     = (1 - w_t) * x_old + w_t * z
 y     = (1 - beta_1) * z + beta_1 * x
 ```
+
+`w_t = t**r / sum(i**r for i <= t)` weighs step `t`'s `z` by `t**r` in the
+average (the schedule-free paper's polynomial weighting): `r = 0` (the
+default, Keras' `ScheduleFreeAdamW`) is the uniform average `w_t = 1/t`;
+`r = 1` gives `2 / (t + 1)`, `r = 2` gives `6 t / ((t + 1)(2 t + 1))`, which
+lag less behind a moving minimum.
 
 SOAA's arithmetic (`keras_soaa.maths`, base `beta_1 = 0`) and its skip rule:
 a variable whose gradient is not finite keeps `y`, `z` and `v`. Always the
@@ -37,8 +43,9 @@ hypergradient, the gradient ratio) one more slot per variable,
 exactly SOAA's. A gradient-driven controller's `Context.beta_1` is the base
 step's, 0.
 
-`install()` adds `sf_soaa` (the paper controller) and `sf_soaa_hd` (the
-hypergradient) to the benchmark's optimizer table, for one run;
+`install()` adds `sf_soaa` (the paper controller), `sf_soaa_hd` (the
+hypergradient) and `sf_soaa_r1`, `sf_soaa_r2` (the paper controller, `r = 1`
+and `2`) to the benchmark's optimizer table, for one run;
 `candidates.py` runs `benchmarks/compare.py` with them:
 
     python research/candidates.py --full --set calibration \
@@ -60,6 +67,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # SOAA's controller-sum operands that, with base `beta_1 = 0`, are built from
 # the previous gradient.
 PREVIOUS_GRADIENT_OPERANDS = ("momentum", "previous_direction")
+# w_t = t**r / sum(i**r for i <= t), in closed form, by r.
+AVERAGE_WEIGHTS = {
+    0: lambda t: 1.0 / t,
+    1: lambda t: 2.0 / (t + 1.0),
+    2: lambda t: 6.0 * t / ((t + 1.0) * (2.0 * t + 1.0)),
+}
 
 
 @keras.saving.register_keras_serializable(package="keras_soaa_research")
@@ -71,19 +84,30 @@ class ScheduleFreeSOAA(keras_soaa.SOAA):
         beta_1: Float in `(0, 1)`: the interpolation constant of `y` between
             `z` and `x`, and the paper controller's loss-average decay.
             Defaults to `0.9`.
+        averaging_power: `0`, `1` or `2`: `r` of the average's weights
+            `t**r`. Defaults to `0` (uniform).
         fused: only `None` or `False`: the step is always the portable one.
         **kwargs: SOAA's other arguments.
     """
 
-    def __init__(self, learning_rate=0.0025, beta_1=0.9, fused=False, **kwargs):
+    def __init__(self, learning_rate=0.0025, beta_1=0.9, fused=False,
+                 averaging_power=0, **kwargs):
         if fused not in (None, False):
             raise ValueError("ScheduleFreeSOAA has no fused path: `fused` must be "
                              f"None or False. Received: fused={fused!r}")
         if not 0.0 < float(beta_1) < 1.0:
             raise ValueError("Argument `beta_1` (the interpolation constant) must "
                              f"be in (0, 1). Received: beta_1={beta_1!r}")
+        if averaging_power not in AVERAGE_WEIGHTS:
+            raise ValueError("Argument `averaging_power` must be 0, 1 or 2. "
+                             f"Received: averaging_power={averaging_power!r}")
         super().__init__(learning_rate=learning_rate, beta_1=beta_1, fused=False,
                          **kwargs)
+        self.averaging_power = averaging_power
+
+    def get_config(self):
+        """SOAA's configuration and `averaging_power`."""
+        return {**super().get_config(), "averaging_power": self.averaging_power}
 
     def _keeps_previous_gradient(self):
         return any(operand in PREVIOUS_GRADIENT_OPERANDS
@@ -145,7 +169,8 @@ class ScheduleFreeSOAA(keras_soaa.SOAA):
                                  self._weight_decay_of(variable), dtype)
 
         beta = self.beta_1
-        weight = ops.divide(1.0, ops.cast(self.iterations, dtype) + 1.0)  # 1/t
+        weight = AVERAGE_WEIGHTS[self.averaging_power](
+            ops.cast(self.iterations, dtype) + 1.0)  # w_t
         x_old = ops.divide(ops.subtract(y, ops.multiply(z, 1.0 - beta)), beta)
         x_new = ops.add(ops.multiply(x_old, 1.0 - weight), ops.multiply(new_z, weight))
         new_y = ops.add(ops.multiply(new_z, 1.0 - beta), ops.multiply(x_new, beta))
@@ -183,12 +208,15 @@ class ScheduleFreeSOAA(keras_soaa.SOAA):
             self.controller, context, self._controller_values()))
 
 
-LABELS = {"sf_soaa": "schedule-free SOAA", "sf_soaa_hd": "schedule-free SOAA-HD"}
+LABELS = {"sf_soaa": "schedule-free SOAA", "sf_soaa_hd": "schedule-free SOAA-HD",
+          "sf_soaa_r1": "schedule-free SOAA, t-weighted",
+          "sf_soaa_r2": "schedule-free SOAA, t²-weighted"}
 
 
 def install():
-    """Adds `sf_soaa` and `sf_soaa_hd` to the benchmark's `optimizers.OPTIMIZERS`
-    (call it before `compare.main`)."""
+    """Adds `sf_soaa`, `sf_soaa_hd` and the weighted averages `sf_soaa_r1`,
+    `sf_soaa_r2` to the benchmark's `optimizers.OPTIMIZERS` (call it before
+    `compare.main`)."""
     if os.path.join(HERE, "..", "benchmarks") not in sys.path:
         sys.path.insert(0, os.path.join(HERE, "..", "benchmarks"))
     import optimizers
@@ -203,6 +231,12 @@ def install():
             lambda lr, steps, model: ScheduleFreeSOAA(
                 learning_rate=lr, controller="hypergradient"),
             radius_bounds=optimizers.constant_bounds("hypergradient")),
+        *(optimizers.Optimizer(
+            f"sf_soaa_r{power}", LABELS[f"sf_soaa_r{power}"], color,
+            lambda lr, steps, model, power=power: ScheduleFreeSOAA(
+                learning_rate=lr, averaging_power=power),
+            radius_bounds=optimizers.paper_bounds)
+          for power, color in ((1, "mediumorchid"), (2, "orchid"))),
     )
     for row in rows:
         optimizers.OPTIMIZERS[row.name] = row

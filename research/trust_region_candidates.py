@@ -90,12 +90,9 @@ def main(argv=None):
     parser.add_argument("runs", nargs="+")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
-    try:  # the schedule-free rows' labels
-        import schedule_free_soaa
+    import candidates
 
-        schedule_free_soaa.install()
-    except ImportError:
-        pass
+    candidates.install()  # the research rows' labels
     results = {}
     for folder in args.runs:
         with open(os.path.join(folder, "results.json")) as file:

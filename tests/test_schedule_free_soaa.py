@@ -47,13 +47,14 @@ class Reference:
     keeps y, z, v and its previous gradient, and adds nothing to the sums."""
 
     def __init__(self, weights, learning_rate, beta_1, radius, kappa,
-                 weight_decay=None):
+                 weight_decay=None, power=0):
         self.y = [w.copy() for w in weights]
         self.z = [w.copy() for w in weights]
         self.v = [np.zeros_like(w) for w in weights]
         self.previous = [np.zeros_like(w) for w in weights]
         self.lr, self.beta_1, self.d, self.kappa = learning_rate, beta_1, radius, kappa
         self.weight_decay = weight_decay or 0.0
+        self.power = power
         self.t = 0
         self.regimes = set()
 
@@ -85,7 +86,9 @@ class Reference:
             z_old, y = self.z[i], self.y[i]
             z = z_old - self.lr * self.weight_decay * z_old - self.lr * u
             x_old = (y - (1 - b1) * z_old) / b1
-            x = (1 - 1 / t) * x_old + (1 / t) * z
+            # The average weighs step i's z by i**power.
+            w = t**self.power / sum(i**self.power for i in range(1, t + 1))
+            x = (1 - w) * x_old + w * z
             self.y[i], self.z[i], self.v[i] = (1 - b1) * z + b1 * x, z, v
             self.previous[i] = g
         norms = np.sqrt(gradient_sq) * np.sqrt(direction_sq)
@@ -94,16 +97,18 @@ class Reference:
         return predicted
 
 
-def make(learning_rate, beta_1, radius, kappa, weight_decay=None):
+def make(learning_rate, beta_1, radius, kappa, weight_decay=None, power=0):
     weights = initial_weights()
     variables = [keras.Variable(w.astype("float32"), name=f"w{i}")
                  for i, w in enumerate(weights)]
     optimizer = ScheduleFreeSOAA(
         learning_rate=learning_rate, beta_1=beta_1, beta_2=BETA_2, epsilon=EPSILON,
         initial_radius=radius, weight_decay=weight_decay,
-        controller=HypergradientController(learning_rate=kappa))
+        controller=HypergradientController(learning_rate=kappa),
+        averaging_power=power)
     optimizer.build(variables)
-    reference = Reference(weights, learning_rate, beta_1, radius, kappa, weight_decay)
+    reference = Reference(weights, learning_rate, beta_1, radius, kappa, weight_decay,
+                          power)
     return optimizer, variables, reference
 
 
@@ -127,12 +132,15 @@ def assert_matches(optimizer, variables, reference):
                                rtol=1e-5)
 
 
-@pytest.mark.parametrize("kappa, beta_1, weight_decay", [
-    (0.0, 0.9, None),  # d pinned at 2
-    (0.05, 0.8, 0.1),  # d moved by the hypergradient; decay on z
+@pytest.mark.parametrize("kappa, beta_1, weight_decay, power", [
+    (0.0, 0.9, None, 0),  # d pinned at 2
+    (0.05, 0.8, 0.1, 0),  # d moved by the hypergradient; decay on z
+    (0.0, 0.9, None, 1),  # the average weighs step t by t
+    (0.05, 0.8, None, 2),  # ... by t**2
 ])
-def test_steps_match_the_float64_reference(kappa, beta_1, weight_decay):
-    optimizer, variables, reference = make(0.05, beta_1, 2.0, kappa, weight_decay)
+def test_steps_match_the_float64_reference(kappa, beta_1, weight_decay, power):
+    optimizer, variables, reference = make(0.05, beta_1, 2.0, kappa, weight_decay,
+                                           power)
     for step in range(5):
         grads = gradients(step)
         optimizer.apply([g.astype("float32") for g in grads], variables)
@@ -203,7 +211,8 @@ def test_predicted_reduction_is_the_base_steps():
 
 
 def test_always_portable_and_round_trips_its_config():
-    optimizer = ScheduleFreeSOAA(fused=None, controller="hypergradient")
+    optimizer = ScheduleFreeSOAA(fused=None, controller="hypergradient",
+                                 averaging_power=2)
     assert optimizer.fused is False and optimizer.beta_1 == 0.9
     copy = ScheduleFreeSOAA.from_config(optimizer.get_config())
     assert copy.get_config() == optimizer.get_config()
@@ -211,6 +220,8 @@ def test_always_portable_and_round_trips_its_config():
         ScheduleFreeSOAA(fused=True)
     with pytest.raises(ValueError, match="beta_1"):
         ScheduleFreeSOAA(beta_1=0.0)
+    with pytest.raises(ValueError, match="averaging_power"):
+        ScheduleFreeSOAA(averaging_power=3)
 
 
 def test_fit_with_the_trust_region_callback():
@@ -247,7 +258,7 @@ def installed():
     optimizers.OPTIMIZERS.update(table)
 
 
-@pytest.mark.parametrize("name", ["sf_soaa", "sf_soaa_hd"])
+@pytest.mark.parametrize("name", ["sf_soaa", "sf_soaa_hd", "sf_soaa_r2"])
 def test_benchmark_rows_run_reused_and_evaluate_at_x(installed, name):
     """The rows run in the benchmark's runner (a reused compiled model gives
     the fresh runs' curves: `z` starts at each run's fresh weights), with the
