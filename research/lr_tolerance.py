@@ -28,15 +28,6 @@ FACTOR = 10.0  # how far either side of the tuned rate
 TOLERANCE = 2.0  # a side is tolerant within this factor of the tuned loss
 
 
-def load(folders):
-    """`{problem: entry}` of the run folders (a later folder's entry wins)."""
-    results = {}
-    for folder in folders:
-        with open(os.path.join(folder, "results.json")) as file:
-            results.update(json.load(file)["results"])
-    return results
-
-
 def tuned(entry, optimizer):
     """`(rate, mean final loss)` of `optimizer`'s tuned run in a problem's entry."""
     import report
@@ -119,6 +110,8 @@ def main(argv=None):
 
     candidates.install()
     optimizers = [o.strip() for o in args.optimizers.split(",")]
+    from trust_region_candidates import load
+
     results = load(args.runs)
     if args.problems:
         results = {p: results[p] for p in args.problems.split(",")}

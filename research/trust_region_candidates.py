@@ -2,9 +2,9 @@
 
     python research/trust_region_candidates.py RUN_DIR [RUN_DIR ...] [--out FILE]
 
-Reads the `benchmarks/compare.py` run folders (`results.json`; a problem's
-runs from the last folder that has it) and, per set (calibration,
-held-out), writes one table row per SOAA configuration:
+Reads the `benchmarks/compare.py` run folders (`results.json`; an optimizer's
+runs on a problem from the last folder that has them) and, per set
+(calibration, held-out), writes one table row per SOAA configuration:
 
 - **worst ratio**: the largest ratio, over the problems, of its final training
   loss to the best peer's (the best of tuned Adam, Adam + cosine and
@@ -41,6 +41,23 @@ def seconds_to(item, target, window):
     if not len(reached):
         return math.inf
     return float(report.wall_clock(item["runs"])[reached[0]])
+
+
+def load(folders):
+    """`{problem: entry}` of `compare.py` run folders.
+
+    Each problem's `runs` are joined over the folders (an optimizer's from
+    the last folder that has it).
+    """
+    results = {}
+    for folder in folders:
+        with open(os.path.join(folder, "results.json")) as file:
+            for problem, entry in json.load(file)["results"].items():
+                if problem in results:
+                    results[problem]["runs"].update(entry["runs"])
+                else:
+                    results[problem] = entry
+    return results
 
 
 def rows(results):
@@ -93,10 +110,7 @@ def main(argv=None):
     import candidates
 
     candidates.install()  # the research rows' labels
-    results = {}
-    for folder in args.runs:
-        with open(os.path.join(folder, "results.json")) as file:
-            results.update(json.load(file)["results"])
+    results = load(args.runs)
     lines = ["# Trust-region candidates against the best peer", ""]
     for name in sorted({e["problem"].get("set", "?") for e in results.values()}):
         part = {p: e for p, e in results.items() if e["problem"].get("set") == name}
