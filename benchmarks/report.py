@@ -278,10 +278,13 @@ def section(results, summaries, names, level="##"):
 
 
 INTRO = [
-    "- **recommended SOAA**: `keras_soaa.presets.recommended`, the paper's controller "
-    "with a cosine decay of the rate to 0; *SOAA (paper)*: `SOAA()`; *SOAA-HD*, "
-    "*SOAA-GR*: `controller=\"hypergradient\"`, `\"gradient_ratio\"` (radius in "
-    "[0.1, 10]); *+ cosine*: `CosineDecay` of the rate to 0. Keras' optimizers at "
+    "- **recommended SOAA**: `keras_soaa.presets.recommended`, the same-batch "
+    "controller (radius in [0.01, 100], one more forward pass every 4th batch) "
+    "with a cosine decay of the rate to 0; *SOAA (paper)*: `SOAA()`; *SOAA (paper) "
+    "+ cosine*: `keras_soaa.presets.paper_cosine`; *SOAA-HD*, *SOAA-GR*, *SOAA "
+    "same-batch*: `controller=\"hypergradient\"`, `\"gradient_ratio\"` (radius in "
+    "[0.1, 10]), `\"same_batch\"`; *+ cosine*: `CosineDecay` of the rate to 0. "
+    "Keras' optimizers at "
     "their defaults but the rate. Every optimizer gets the same rate grid, seeds "
     "(initial weights and batch order) and steps, in `model.fit` (SOAA with "
     "`TrustRegionCallback`).",

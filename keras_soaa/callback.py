@@ -393,8 +393,10 @@ class TrustRegionCallback(keras.callbacks.Callback):
                 "batch, which `TrustRegionCallback` does inside the train step: "
                 "on torch, and on TensorFlow and JAX with `steps_per_execution=1`, "
                 "`run_eagerly=False`, no `tf.distribute` strategy and no Flax NNX. "
-                "Compile the model so, or train in a custom loop with "
-                "`optimizer.observe_step(loss_before, loss_after)`.")
+                "Compile the model so, train in a custom loop with "
+                "`optimizer.observe_step(loss_before, loss_after)`, or use a "
+                "controller fed by the loss alone (`controller=\"paper\"`; "
+                "`keras_soaa.presets.paper_cosine`).")
         if controller.needs_loss_pair or _hands_over_in_step(model):
             self._in_step = internals.HookedTrainFunction(
                 model, self._hand_over.train_function(model), REPORT_LOG)

@@ -14,8 +14,8 @@ ok        = is_finite_step(c, sum_v_hat_eps, scalars)
 totals    = step_sums(controller.sums, g, m, v, scalars, epsilon, predicted)
 ```
 
-where `predicted` gives `predicted_reduction(*predicted_reduction_sums(new_m,
-new_v, q), scalars)`, only for a controller that reads it. With `beta_1 <=
+where `predicted(kind)` gives `prediction(kind, g, new_m, new_v, q, scalars)`,
+only for a controller that reads it. With `beta_1 <=
 beta_2`, `ok = moments_are_finite(new_v, scalars)` right after `moments` is the
 same decision, known before the sums.
 
@@ -33,6 +33,10 @@ from keras import ops
 
 # The operand of a controller's `Sum` that is the step's predicted reduction.
 PREDICTED_REDUCTION = "predicted_reduction"
+# ... and the one that is its predicted reduction on the batch it was computed
+# from (that batch's gradient in place of the momentum).
+BATCH_PREDICTED_REDUCTION = "batch_predicted_reduction"
+PREDICTIONS = (PREDICTED_REDUCTION, BATCH_PREDICTED_REDUCTION)
 
 # `S` of the overflow guard: a power of two, so scaling by it is exact where
 # the result is normal; `S**2` is normal in float32.
@@ -159,6 +163,8 @@ def new_weight(theta, direction, scalars: StepScalars, weight_decay, dtype):
 def predicted_reduction_sums(new_m, new_v, direction):
     """Returns `(sum(new_m * q), sum(new_v * q * q))` of one variable.
 
+    With the gradient `g` in place of `new_m`: `batch_predicted_reduction`'s.
+
     `new_v * q` first: `q**2` underflows float32 when `v` is huge
     (docs/algorithm.md, "Numerical details").
     """
@@ -179,6 +185,28 @@ def predicted_reduction(alignment, curvature, scalars: StepScalars):
         ops.multiply(curvature,
                      ops.square(step_scale) / (2.0 * scalars.beta_2_correction)),
     )), "float32")
+
+
+def batch_predicted_reduction(gradient_alignment, curvature, scalars: StepScalars):
+    """Returns `eta * sum(g * u - v_hat * u**2 / 2)` as float32.
+
+    The reduction the step's quadratic model predicts on the batch whose
+    gradient `g` it was computed from (docs/algorithm.md, "Controllers"),
+    from `predicted_reduction_sums(g, new_v, q)`: `predicted_reduction` with
+    `g`, which is not bias-corrected, in place of `m_hat`.
+    """
+    return predicted_reduction(
+        ops.multiply(gradient_alignment, scalars.beta_1_correction), curvature,
+        scalars)
+
+
+def prediction(kind, gradient, new_m, new_v, direction, scalars: StepScalars):
+    """One variable's `PREDICTED_REDUCTION` or `BATCH_PREDICTED_REDUCTION`."""
+    if kind == PREDICTED_REDUCTION:
+        return predicted_reduction(
+            *predicted_reduction_sums(new_m, new_v, direction), scalars)
+    return batch_predicted_reduction(
+        *predicted_reduction_sums(gradient, new_v, direction), scalars)
 
 
 def is_finite_step(curvature_scale, sum_v_hat_eps, scalars: StepScalars):
@@ -219,13 +247,14 @@ def step_sums(sums, gradient, m, v, scalars: StepScalars, epsilon, predicted):
     """One variable's values of a controller's `sums`, each `(name, left, right)`.
 
     `sum(left * right)` from `g` and the moments before the step, or
-    `predicted()` for `PREDICTED_REDUCTION`. Only what `sums` reads is computed.
+    `predicted(kind)` for a kind of `PREDICTIONS`. Only what `sums` reads is
+    computed.
     """
     operands = {"gradient": gradient, "momentum": m, "velocity": v}
     if any("previous_direction" in s[1:] for s in sums):
         operands["previous_direction"] = previous_direction(m, v, scalars, epsilon)
     return tuple(
-        predicted() if s[1] == PREDICTED_REDUCTION
+        predicted(s[1]) if s[1] in PREDICTIONS
         else ops.sum(ops.multiply(operands[s[1]], operands[s[2]])) for s in sums)
 
 

@@ -308,8 +308,8 @@ class SOAA(keras.optimizers.Optimizer):
         # assigned: on torch that writes in place.
         totals = maths.step_sums(
             self.controller.sums, gradient, m, v, scalars, self.epsilon,
-            lambda: maths.predicted_reduction(*maths.predicted_reduction_sums(
-                new_m, new_v, direction), scalars))
+            lambda kind: maths.prediction(kind, gradient, new_m, new_v, direction,
+                                          scalars))
         for total, value in zip(self._sums, totals):
             self.assign_add(total, maths.finite_or_zero(
                 ops.cast(value, "float32"), is_finite))

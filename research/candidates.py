@@ -4,9 +4,10 @@
         --optimizers sf_soaa,sf_soaa_hd,adam --out DIR
 
 Takes `compare.py`'s arguments. The candidates (`schedule_free_soaa.install()`:
-`sf_soaa`, `sf_soaa_hd`, `sf_soaa_r1`, `sf_soaa_r2`; `batch_prediction.install()`:
-`soaa_sbg`, `soaa_sbg_cosine`) join the table for this run only; nothing is
-registered on import.
+`sf_soaa`, `sf_soaa_hd`, `sf_soaa_r1`, `sf_soaa_r2`) join the table for this
+run only; nothing is registered on import. (The same-batch test predicted from
+the batch's own gradient, a candidate here as `soaa_sbg_cosine`, became the
+package's `same_batch` controller and `presets.recommended` in 0.5.0.)
 """
 
 import argparse
@@ -31,11 +32,9 @@ def main(argv=None):
 
 def install():
     """Adds every research candidate's rows to the benchmark's table."""
-    import batch_prediction
     import schedule_free_soaa
 
     schedule_free_soaa.install()
-    batch_prediction.install()
 
 
 if __name__ == "__main__":

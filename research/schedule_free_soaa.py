@@ -184,8 +184,8 @@ class ScheduleFreeSOAA(keras_soaa.SOAA):
             None if previous_variable is None else ops.convert_to_tensor(
                 previous_variable),
             v, scalars, self.epsilon,
-            lambda: maths.predicted_reduction(*maths.predicted_reduction_sums(
-                new_m, new_v, direction), scalars))
+            lambda kind: maths.prediction(kind, gradient, new_m, new_v, direction,
+                                          scalars))
         for total, value in zip(self._sums, totals):
             self.assign_add(total, maths.finite_or_zero(
                 ops.cast(value, "float32"), is_finite))

@@ -43,7 +43,8 @@ class ReferenceSOAA:
         self.radius_learning_rate = radius_learning_rate
         self.min_radius = min_radius
         self.max_radius = max_radius
-        # The same-batch controller's constants and the last step's prediction.
+        # The same-batch controller's constants and the last step's prediction
+        # on its own batch.
         self.same_batch = dict(shrink_below=shrink_below, grow_above=grow_above,
                                shrink=shrink, grow=grow)
         self.step_prediction = 0.0
@@ -104,7 +105,8 @@ class ReferenceSOAA:
             self.m[i], self.v[i] = m, v
             prediction = lr * np.sum(m_hat * u - 0.5 * v_hat * u**2)
             self.predicted_reduction += prediction
-            step_prediction += prediction
+            # The same-batch test's: this batch's gradient in place of m_hat.
+            step_prediction += lr * np.sum(g * u - 0.5 * v_hat * u**2)
         self.iterations = t
         self.step_prediction = step_prediction
         if self.controller == "hypergradient":

@@ -28,7 +28,7 @@ import runner  # noqa: E402
 
 import keras_soaa  # noqa: E402
 
-RECOMMENDED = "recommended SOAA (soaa_cosine, keras_soaa.presets.recommended)"
+RECOMMENDED = "recommended SOAA (soaa_sb_cosine, keras_soaa.presets.recommended)"
 
 
 def tiny_data():
@@ -66,7 +66,7 @@ def test_the_three_modes():
     assert (default.mode, default.problem_set, default.seeds, default.steps,
             default.middle_grid) == ("default", "calibration", 3, None, False)
     assert chosen([]) == ["digits", "breast_cancer", "quadratic", "rosenbrock"]
-    assert {"soaa_cosine", "soaa", "adam", "adam_cosine",
+    assert {"soaa_sb_cosine", "soaa_cosine", "soaa", "adam", "adam_cosine",
             "schedulefree"} <= set(default.optimizers)
     full = compare.parse_args(["--full"])
     assert (full.mode, full.seeds, full.steps, full.middle_grid) == (
@@ -76,7 +76,8 @@ def test_the_three_modes():
         "digits_cnn"]
     assert full.optimizers == ["soaa", "soaa_cosine", "soaa_hd",
                                "soaa_hd_cosine", "soaa_gr", "soaa_gr_cosine",
-                               "adam", "adam_cosine", "schedulefree"]
+                               "soaa_sb", "soaa_sb_cosine", "adam", "adam_cosine",
+                               "schedulefree"]
     quick = compare.parse_args(["--quick"])
     assert (quick.mode, quick.seeds, quick.steps, quick.middle_grid) == (
         "quick", 1, compare.QUICK_STEPS, True)
@@ -115,13 +116,14 @@ def test_the_sets():
 
 
 def test_help_names_the_recommended_configuration():
-    assert optimizers.RECOMMENDED == "soaa_cosine"
-    assert optimizers.label("soaa_cosine") == "recommended SOAA"
+    assert optimizers.RECOMMENDED == "soaa_sb_cosine"
+    assert optimizers.label("soaa_sb_cosine") == "recommended SOAA"
     text = " ".join(compare.__doc__.split())
-    assert "`soaa_cosine`, which is `keras_soaa.presets.recommended`" in text
+    assert "`soaa_sb_cosine`, which is `keras_soaa.presets.recommended`" in text
     assert "soaa_hd" not in text  # no other configuration is called so
-    built = optimizers.make("soaa_cosine", 0.01, 100, None)
+    built = optimizers.make("soaa_sb_cosine", 0.01, 100, None)
     assert isinstance(built, keras_soaa.SOAA) and built.total_steps == 100
+    assert built.controller == keras_soaa.controllers.get("same_batch")
     schedule = keras.optimizers.schedules.deserialize(
         built.get_config()["learning_rate"])
     assert float(keras.ops.convert_to_numpy(schedule(100))) == 0.0
@@ -166,7 +168,7 @@ def test_a_tiny_run_with_added_rows_prints_the_verdict(tmp_path, capsys,
     monkeypatch.chdir(tmp_path)
     results, config = compare.main(
         ["--quick", "--problems", "tiny", "--optimizers",
-         "soaa_cosine,sgd,adam,schedulefree"])
+         "soaa_sb_cosine,sgd,adam,schedulefree"])
     (folder,) = (tmp_path / compare.RUNS).iterdir()
     assert re.fullmatch(r"quick-\d{8}-\d{6}", folder.name)
     out = capsys.readouterr().out
@@ -181,13 +183,13 @@ def test_a_tiny_run_with_added_rows_prints_the_verdict(tmp_path, capsys,
     entry = results["tiny"]
     assert entry["problem"]["description"] == (
         "linear regression, 48 train / 16 held-out")
-    assert list(entry["runs"]) == ["soaa_cosine", "sgd", "adam", "schedulefree"]
+    assert list(entry["runs"]) == ["soaa_sb_cosine", "sgd", "adam", "schedulefree"]
     for name, by_lr in entry["runs"].items():
         assert list(by_lr) == ["0.01", "0.1"]  # the grid's middle two
         (record,) = by_lr["0.1"]
         assert len(record["loss"]) == compare.QUICK_STEPS
         assert np.isfinite(record["final_loss"]) and record["held_out"] >= 0
-        assert (record["radius"] is not None) == (name == "soaa_cosine")
+        assert (record["radius"] is not None) == (name == "soaa_sb_cosine")
         assert (record["held_out_x"] is not None) == (name == "schedulefree")
     text = (folder / "report.md").read_text()
     assert "| tiny | SGD |" in text and "| tiny | recommended SOAA |" in text
@@ -272,13 +274,13 @@ def synthetic(finals):
 
 FINALS = {
     # Best peer Adam + cosine 0.8: the recommended SOAA's 1.2 loses (1.5x).
-    "p1": {"soaa_cosine": [1.2, 1.2], "adam": [1.0, 1.0],
+    "p1": {"soaa_sb_cosine": [1.2, 1.2], "adam": [1.0, 1.0],
            "adam_cosine": [0.8, 0.8], "schedulefree": [0.9, 0.9]},
     # Adam + cosine diverged; the best peer is Adam (2.0): 1.98 ties.
-    "p2": {"soaa_cosine": [1.98, 1.98], "adam": [2.0, 2.0],
+    "p2": {"soaa_sb_cosine": [1.98, 1.98], "adam": [2.0, 2.0],
            "adam_cosine": [None, 1.0]},
     # 1.0 against ScheduleFreeAdamW's 3.0: wins.
-    "p3": {"soaa_cosine": [1.0, 1.0], "schedulefree": [3.0, 3.0]},
+    "p3": {"soaa_sb_cosine": [1.0, 1.0], "schedulefree": [3.0, 3.0]},
 }
 
 
@@ -295,14 +297,14 @@ def test_the_verdict_on_synthetic_results(tmp_path, monkeypatch):
                           "- ties on 1: p2 (0.99 x Adam)"]
     worst = report.worst_case(summaries, "adam_cosine")
     assert worst["worst"] == math.inf and worst["worst_problem"] == "p2"
-    no_peer = {"p": {"soaa_cosine": summaries["p1"]["soaa_cosine"]}}
+    no_peer = {"p": {"soaa_sb_cosine": summaries["p1"]["soaa_sb_cosine"]}}
     assert "no verdict" in report.verdict_lines(no_peer)[0]
     # The report states it, and the worst case of every optimizer.
     monkeypatch.setattr(report, "plot_problem", lambda *args: None)
     config = {"command": "python benchmarks/compare.py", "mode": "default",
               "versions": {"keras-soaa": "0"}, "backend": "jax",
               "machine": "test", "seeds": [0, 1], "minutes": 0.1,
-              "optimizers": ["soaa_cosine", "adam", "adam_cosine",
+              "optimizers": ["soaa_sb_cosine", "adam", "adam_cosine",
                              "schedulefree"]}
     report.write(synthetic(FINALS), config, str(tmp_path))
     text = (tmp_path / "report.md").read_text()

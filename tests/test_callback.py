@@ -439,7 +439,7 @@ assert keras.config.is_nnx_enabled()
 x = np.random.default_rng(0).normal(size=(256, 8)).astype("float32")
 model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
                           keras.layers.Dense(1)])
-model.compile(optimizer=keras_soaa.presets.recommended(3e-3, total_steps=32),
+model.compile(optimizer=keras_soaa.presets.paper_cosine(3e-3, total_steps=32),
               loss="mse")
 history = model.fit(x, 2 * x[:, :1], batch_size=32, epochs=4, verbose=0,
                     callbacks=[keras_soaa.TrustRegionCallback()])

@@ -337,7 +337,7 @@ def test_a_loss_driven_controller_fed_no_loss_warns_once():
     """In `fit` without the callback (whatever `total_steps` is), and in a
     custom loop that never calls `observe_loss`."""
     x = np.ones((16, 2), "float32")
-    for optimizer in (keras_soaa.presets.recommended(0.01, total_steps=4),
+    for optimizer in (keras_soaa.presets.paper_cosine(0.01, total_steps=4),
                       SOAA(total_steps=100)):
         model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
         model.compile(optimizer=optimizer, loss="mse")

@@ -38,11 +38,14 @@ def train(optimizer, steps, non_finite_at=None):
         optimizer.apply([ops.convert_to_tensor(g) for g in grads], variables)
         if step % 2:
             optimizer.observe_loss(1.0 / (step + 1))
+        else:  # the same-batch controller's pair (the others ignore it)
+            optimizer.observe_step(1.0, 1.0 - 0.3 * step)
     return variables
 
 
 @pytest.mark.parametrize("controller", [
-    "paper", "hypergradient", "gradient_ratio", SignController(learning_rate=0.2)])
+    "paper", "hypergradient", "gradient_ratio", SignController(learning_rate=0.2),
+    keras_soaa.controllers.SameBatchController(min_radius=0.5, max_radius=2.0)])
 @pytest.mark.parametrize("non_finite_at", [None, 4])
 @pytest.mark.parametrize("weight_decay", [None, 0.05])
 def test_backend_path_matches_portable_path(weight_decay, non_finite_at,

@@ -41,14 +41,14 @@ def previous_direction(momentums, velocities, scalars, epsilon):
 def step_sums(sums, grads, momentums, velocities, scalars, epsilon):
     """`maths.step_sums` for many variables: a vector per sum.
 
-    The predicted reduction, known only after the step, gives an empty vector,
+    A predicted reduction, known only after the step, gives an empty vector,
     which `_applied_totals` fills in.
     """
     operands = {"gradient": grads, "momentum": momentums, "velocity": velocities}
     if any("previous_direction" in s[1:] for s in sums):
         operands["previous_direction"] = previous_direction(
             momentums, velocities, scalars, epsilon)
-    return tuple(torch.empty(0) if s.left == maths.PREDICTED_REDUCTION
+    return tuple(torch.empty(0) if s.left in maths.PREDICTIONS
                  else _dots(zip(operands[s.left], operands[s.right])) for s in sums)
 
 
@@ -127,10 +127,21 @@ def new_weight(thetas, directions, scalars, weight_decays, dtypes, in_place=Fals
     return new_thetas
 
 
-def predicted_reduction_sums(new_m, new_v, directions):
-    """`maths.predicted_reduction_sums` for many variables: two vectors."""
+def prediction_sums(kinds, grads, new_m, new_v, directions):
+    """`maths.predicted_reduction_sums` of each of `kinds`, many variables.
+
+    Returns one `(alignment, curvature)` pair of vectors per kind. Both kinds
+    share the curvature, `sum(new_v * q * q)`; the alignment is over `new_m`,
+    or over `g` for `BATCH_PREDICTED_REDUCTION`.
+    """
+    if not kinds:
+        return ()
     weighted = torch._foreach_mul(new_v, directions)
-    return _dots(zip(new_m, directions)), _dots(zip(weighted, directions))
+    curvature = _dots(zip(weighted, directions))
+    firsts = {maths.PREDICTED_REDUCTION: new_m,
+              maths.BATCH_PREDICTED_REDUCTION: grads}
+    return tuple((_dots(zip(firsts[kind], directions)), curvature)
+                 for kind in kinds)
 
 
 def update_variables(optimizer, grads, variables, learning_rate):
@@ -206,9 +217,9 @@ def update_step(grads, params, momentums, velocities, weight_decays, scalars, *,
     directions = step_direction(new_m, new_v, c, scalars, epsilon)
     new_params = new_weight(thetas, directions, scalars, weight_decays,
                             [p.dtype for p in params], in_place)
-    reads_prediction = any(s.left == maths.PREDICTED_REDUCTION for s in declared)
-    predicted_sums = (predicted_reduction_sums(new_m, new_v, directions)
-                      if reads_prediction else ())
+    kinds = tuple(kind for kind in maths.PREDICTIONS
+                  if any(s.left == kind for s in declared))
+    predicted_sums = prediction_sums(kinds, grads, new_m, new_v, directions)
 
     if not in_place:  # computed aside: write what the skip rule keeps
         states = momentums + velocities + params
@@ -219,7 +230,7 @@ def update_step(grads, params, momentums, velocities, weight_decays, scalars, *,
         else:
             for ok, state, new in zip(is_finite.unbind() * 3, states, news):
                 torch.where(ok, new, state, out=state)
-    return replayed(_applied_totals, sums=tuple(declared))(
+    return replayed(_applied_totals, sums=tuple(declared), kinds=kinds)(
         predicted_sums, scalars, is_finite, sum_vectors)
 
 
@@ -255,13 +266,15 @@ def _scale_and_check(sums, sizes, scalars, epsilon):
     return c, maths.is_finite_step(c, sum_v_hat_eps, scalars)
 
 
-def _applied_totals(predicted_sums, scalars, is_finite, sum_vectors, sums):
-    # `maths.predicted_reduction` where a sum reads it, then the float32 totals
-    # over the applied steps only (`maths.finite_or_zero`).
-    vectors = sum_vectors
-    if predicted_sums:
-        predicted = maths.predicted_reduction(*predicted_sums, scalars)
-        vectors = tuple(predicted if s.left == maths.PREDICTED_REDUCTION else vector
-                        for s, vector in zip(sums, sum_vectors))
+def _applied_totals(predicted_sums, scalars, is_finite, sum_vectors, sums, kinds):
+    # The predictions `kinds` where a sum reads one (`maths.predicted_reduction`,
+    # `maths.batch_predicted_reduction`), then the float32 totals over the
+    # applied steps only (`maths.finite_or_zero`).
+    functions = {maths.PREDICTED_REDUCTION: maths.predicted_reduction,
+                 maths.BATCH_PREDICTED_REDUCTION: maths.batch_predicted_reduction}
+    predicted = {kind: functions[kind](*pair, scalars)
+                 for kind, pair in zip(kinds, predicted_sums)}
+    vectors = tuple(predicted.get(s.left, vector)
+                    for s, vector in zip(sums, sum_vectors))
     return tuple(torch.sum(maths.finite_or_zero(vector.to(torch.float32), is_finite))
                  for vector in vectors)

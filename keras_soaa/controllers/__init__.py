@@ -6,6 +6,7 @@ one is a module with a `Controller` subclass decorated with `register`
 """
 
 from keras_soaa.controllers.base import (
+    BATCH_PREDICTED_REDUCTION,
     PREDICTED_REDUCTION,
     Context,
     Controller,
@@ -23,6 +24,7 @@ from keras_soaa.controllers.same_batch import SameBatchController
 DEFAULT = PaperController.name
 
 __all__ = [
+    "BATCH_PREDICTED_REDUCTION",
     "DEFAULT",
     "PREDICTED_REDUCTION",
     "Context",

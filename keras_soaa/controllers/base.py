@@ -14,6 +14,7 @@ from typing import NamedTuple
 from keras import ops
 
 from keras_soaa import validation
+from keras_soaa.maths import BATCH_PREDICTED_REDUCTION as BATCH_PREDICTED_REDUCTION
 from keras_soaa.maths import PREDICTED_REDUCTION as PREDICTED_REDUCTION
 
 
@@ -25,7 +26,9 @@ class Sum(NamedTuple):
     step) and `"previous_direction"` (the previous step's Adam direction,
     `m / (sqrt(v / (1 - beta_2**(t-1))) + epsilon)`, 0 at `t = 1`).
     `Sum(name, PREDICTED_REDUCTION)` is the step's predicted reduction,
-    `eta * sum(m_hat * u - v_hat * u**2 / 2)` (docs/algorithm.md, "One step").
+    `eta * sum(m_hat * u - v_hat * u**2 / 2)` (docs/algorithm.md, "One step");
+    `Sum(name, BATCH_PREDICTED_REDUCTION)` is its predicted reduction on the
+    batch it was computed from, `eta * sum(g * u - v_hat * u**2 / 2)`.
     Totals run over the steps since the controller's last `update`; a
     skipped (non-finite) step adds nothing.
     """

@@ -4,7 +4,7 @@ from keras import ops
 
 from keras_soaa import validation
 from keras_soaa.controllers.base import (
-    PREDICTED_REDUCTION,
+    BATCH_PREDICTED_REDUCTION,
     Context,
     Controller,
     Sum,
@@ -20,10 +20,14 @@ class SameBatchController(Controller):
 
     The trust-region test of Nocedal & Wright (Algorithm 4.1), measured on
     one batch: the loss of the batch a step was computed from, at the weights
-    before the step and right after it, against the reduction `p` the step
-    predicted (docs/algorithm.md, "Controllers"). Comparing one batch with
-    itself leaves out the batch-to-batch differences that swamp the paper's
-    ratio. After each observed pair `(before, after)`:
+    before the step and right after it, against the reduction that batch's
+    own quadratic model predicted, `p = eta * sum(g * u - v_hat * u**2 / 2)`
+    with that batch's gradient `g` (docs/algorithm.md, "Controllers").
+    Comparing one batch with itself leaves out the batch-to-batch differences
+    that swamp the paper's ratio; predicting with `g` rather than the
+    momentum leaves out the step's bias towards its own batch, so `rho`
+    measures how well the diagonal Fisher models that batch's curvature
+    along the step. After each observed pair `(before, after)`:
 
     ```
     rho   = (before - after) / p
@@ -49,7 +53,7 @@ class SameBatchController(Controller):
         max_radius: Float >= `min_radius`: its upper bound. Defaults to `100.0`.
     """
 
-    sums = (Sum("predicted_reduction", PREDICTED_REDUCTION),)
+    sums = (Sum("predicted_reduction", BATCH_PREDICTED_REDUCTION),)
     state = ("step_prediction",)
     needs_loss_pair = True
 
