@@ -81,7 +81,7 @@ def callback_model(callback):
     return callback._model
 
 
-def train_function_around(model, before, after):
+def train_function_around(model, before, after, tests_step=False):
     """Keras' train function for `model`, with a hook around each train step.
 
     TensorFlow and JAX: `make_train_function` compiles the `train_step` it
@@ -93,7 +93,11 @@ def train_function_around(model, before, after):
     `kept = before(data)` runs before the train step on the batch `data`,
     `after(kept, data, batch_loss)` right after it; both may read and assign
     the model's, optimizer's and metrics' variables. `batch_loss()` is the
-    loss of `data` at the weights after the step (`batch_loss_after_step`).
+    loss of `data` at the weights after the step (`batch_loss_after_step`),
+    with the non-trainable variables as they were before it: the same
+    dropout masks (seed generators) as the step's own forward pass, so that
+    the two losses are of one function. With `tests_step=False`,
+    `batch_loss` is not available (nothing is kept for it).
     `after` returns a dict of tensors, added to the step's logs. On JAX the
     hooks run in a `keras.StatelessScope` over the pure step's state (as
     `Optimizer.stateless_apply` does), and what `after` assigns goes into
@@ -106,9 +110,11 @@ def train_function_around(model, before, after):
         def hooked_step(state, data):
             with StatelessScope(_jax_state_mapping(model, state)):
                 kept = before(data)
+            non_trainable = state[1]  # before the step
             logs, state = train_step(state, data)
             with StatelessScope(_jax_state_mapping(model, state)) as scope:
-                output = after(kept, data, lambda: _jax_batch_loss(model, state, data))
+                output = after(kept, data, lambda: _jax_batch_loss(
+                    model, (state[0], non_trainable, *state[2:]), data))
             optimizer_values, metrics_values = (
                 type(values)(scope.get_current_value(v) for v in variables)
                 for values, variables in ((state[2], model.optimizer.variables),
@@ -120,9 +126,12 @@ def train_function_around(model, before, after):
 
         def hooked_step(data):
             kept = before(data)
+            # Read now (a copy: the step assigns in place on torch).
+            non_trainable = ([keras.ops.copy(v.value) for v in
+                              model.non_trainable_variables] if tests_step else None)
             logs = train_step(data)
             return {**logs, **after(kept, data, lambda: batch_loss_after_step(
-                model, data))}
+                model, data, non_trainable))}
 
     if backend == "torch":
         return lambda data: hooked_step(data[0])
@@ -136,18 +145,18 @@ def train_function_around(model, before, after):
         model.train_function = own
 
 
-def batch_loss_after_step(model, data):
+def batch_loss_after_step(model, data, non_trainable_values):
     """The unscaled training loss of the batch `data` at the current weights.
 
     One forward pass in training mode (as the step's loss was computed), run
     stateless so that it changes no variable (batch-normalization
-    statistics, seed generators); through `_compute_loss`, Keras' call of
+    statistics, seed generators), from `non_trainable_values` (those before
+    the step: its dropout masks); through `_compute_loss`, Keras' call of
     `compute_loss` that also serves subclasses without its `training`
     argument. TensorFlow and torch (JAX: `_jax_batch_loss`).
     """
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    values = ([v.value for v in model.trainable_variables],
-              [v.value for v in model.non_trainable_variables])
+    values = ([v.value for v in model.trainable_variables], non_trainable_values)
     with _no_gradient():
         y_pred, _ = model.stateless_call(*values, x, training=True)
         return model._compute_loss(x=x, y=y, y_pred=y_pred,

@@ -224,7 +224,8 @@ class _LossHandOver:
 
             def after(kept, data, batch_loss):
                 return self.in_step(kept, observer)
-        function = internals.train_function_around(model, before, after)
+        function = internals.train_function_around(
+            model, before, after, tests_step=observer.controller.needs_loss_pair)
         self._in_step_function = (own, observer, function)
         return function
 

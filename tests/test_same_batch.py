@@ -204,3 +204,25 @@ def test_fit_without_the_callback_warns():
         model.fit(np.ones((8, 2), "float32"), np.zeros((8, 1), "float32"),
                   batch_size=4, verbose=0)
 
+
+
+def test_fit_tests_the_step_with_its_own_dropout_masks():
+    """The loss after the step is of the same function as the step's own:
+    the same dropout masks (the seed generators as they were before it). A
+    small step's ratio is then near 1, so with `shrink_below=0.5` no test
+    shrinks `d`; with other masks the loss changes by far more than such a
+    step predicts, and `d` falls to its lower bound within 16 tests."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)).astype("float32")
+    y = x @ rng.normal(size=(4, 1)).astype("float32")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(32),
+                              keras.layers.Dropout(0.5, seed=1), keras.layers.Dense(1)])
+    controller = SameBatchController(every=1, shrink_below=0.5, grow_above=2.0)
+    model.compile(SOAA(learning_rate=1e-3, controller=controller), "mse")
+    radii = []
+    record = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: radii.append(float(logs["radius"])))
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False,
+              callbacks=[TrustRegionCallback(), record])
+    assert len(radii) == 16 and min(radii) >= 1.0

@@ -37,7 +37,8 @@ class SameBatchController(Controller):
     ```
 
     `d` is left alone where `before` is not finite or the step predicted no
-    reduction (`p = 0`: a skipped step). `TrustRegionCallback` measures it in
+    reduction on its batch (`p <= 0`: a skipped step, or a step that does
+    not descend on that batch). `TrustRegionCallback` measures it in
     `fit` on every `every`-th batch, at the cost of one more forward pass of
     that batch; in a custom loop, call `SOAA.observe_step(before, after)`.
 
