@@ -1,6 +1,6 @@
 """Benchmark SOAA against the strongest optimizers Keras ships.
 
-    python benchmarks/compare.py            # the verdict: ~3 min on 2 cores
+    python benchmarks/compare.py            # the verdict: ~4 min on 2 cores
     python benchmarks/compare.py --quick    # a smoke run, 1 to 2 min
     python benchmarks/compare.py --full     # every problem, the results tables
         [--set calibration | held_out | all] [--problems a,b | all]
@@ -67,8 +67,9 @@ class Mode:
 
 
 MODES = {
-    "default": Mode("the verdict, about 3 min on the calibration set "
-                    "(measured: 2 min 51 s), about 10 held-out", "fast",
+    "default": Mode("the verdict, about 4 min on the calibration set "
+                    "(measured: 4 min 30 s, the cores shared), about 10 held-out",
+                    "fast",
                     ("soaa_sb_cosine", "soaa_cosine", "soaa", "adam",
                      "adam_cosine", "schedulefree"), 3, None, "full"),
     "full": Mode("the results tables, about 20 min on the calibration set "
