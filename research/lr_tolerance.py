@@ -110,7 +110,7 @@ def main(argv=None):
 
     candidates.install()
     optimizers = [o.strip() for o in args.optimizers.split(",")]
-    from trust_region_candidates import load
+    from trust_region_candidates import emit, load
 
     results = load(args.runs)
     if args.problems:
@@ -130,15 +130,11 @@ def main(argv=None):
                            + " ".join(sys.argv[1:] if argv is None else argv),
                            "sides": sides}, file)
     sets = sorted({e["problem"].get("set", "?") for e in results.values()})
-    text = "\n".join([
+    emit("\n".join([
         f"# Learning-rate tolerance ({', '.join(sets)}): the tuned rate / {FACTOR:g} "
         f"and x {FACTOR:g}, within {TOLERANCE:g}x of the tuned final training loss",
         "", f"Problems: {', '.join(results)}.", "",
-        *rows(results, sides, optimizers)])
-    print(text)
-    if args.out:
-        with open(args.out, "w") as file:
-            file.write(text + "\n")
+        *rows(results, sides, optimizers)]), args.out)
 
 
 if __name__ == "__main__":

@@ -115,10 +115,14 @@ def main(argv=None):
     for name in sorted({e["problem"].get("set", "?") for e in results.values()}):
         part = {p: e for p, e in results.items() if e["problem"].get("set") == name}
         lines += [f"## {name} ({', '.join(part)})", "", *table(part), ""]
-    text = "\n".join(lines)
+    emit("\n".join(lines), args.out)
+
+
+def emit(text, path=None):
+    """Prints `text`, and writes it to `path` if one is given."""
     print(text)
-    if args.out:
-        with open(args.out, "w") as file:
+    if path:
+        with open(path, "w") as file:
             file.write(text + "\n")
 
 
