@@ -200,13 +200,16 @@ def batch_predicted_reduction(gradient_alignment, curvature, scalars: StepScalar
         scalars)
 
 
+# Each prediction from its `predicted_reduction_sums` (and the step's scalars).
+FROM_SUMS = {PREDICTED_REDUCTION: predicted_reduction,
+             BATCH_PREDICTED_REDUCTION: batch_predicted_reduction}
+
+
 def prediction(kind, gradient, new_m, new_v, direction, scalars: StepScalars):
     """One variable's `PREDICTED_REDUCTION` or `BATCH_PREDICTED_REDUCTION`."""
-    if kind == PREDICTED_REDUCTION:
-        return predicted_reduction(
-            *predicted_reduction_sums(new_m, new_v, direction), scalars)
-    return batch_predicted_reduction(
-        *predicted_reduction_sums(gradient, new_v, direction), scalars)
+    aligned = new_m if kind == PREDICTED_REDUCTION else gradient
+    return FROM_SUMS[kind](
+        *predicted_reduction_sums(aligned, new_v, direction), scalars)
 
 
 def is_finite_step(curvature_scale, sum_v_hat_eps, scalars: StepScalars):

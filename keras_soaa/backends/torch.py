@@ -267,12 +267,9 @@ def _scale_and_check(sums, sizes, scalars, epsilon):
 
 
 def _applied_totals(predicted_sums, scalars, is_finite, sum_vectors, sums, kinds):
-    # The predictions `kinds` where a sum reads one (`maths.predicted_reduction`,
-    # `maths.batch_predicted_reduction`), then the float32 totals over the
-    # applied steps only (`maths.finite_or_zero`).
-    functions = {maths.PREDICTED_REDUCTION: maths.predicted_reduction,
-                 maths.BATCH_PREDICTED_REDUCTION: maths.batch_predicted_reduction}
-    predicted = {kind: functions[kind](*pair, scalars)
+    # The predictions `kinds` where a sum reads one (`maths.FROM_SUMS`), then
+    # the float32 totals over the applied steps only (`maths.finite_or_zero`).
+    predicted = {kind: maths.FROM_SUMS[kind](*pair, scalars)
                  for kind, pair in zip(kinds, predicted_sums)}
     vectors = tuple(predicted.get(s.left, vector)
                     for s, vector in zip(sums, sum_vectors))
