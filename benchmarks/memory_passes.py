@@ -62,13 +62,25 @@ def count_hlo_passes(hlo_text, size):
     return reads, writes
 
 
-def jax_apply_hlo(optimizer, shape):
-    """Optimized HLO of `optimizer.stateless_apply` on one variable (JAX)."""
-    import jax
+def _variables(shape_or_shapes):
+    # One variable of `shape`, or one per shape of a list.
     import keras
     import numpy as np
 
-    variables = [keras.Variable(np.ones(shape, "float32"))]
+    shapes = (shape_or_shapes if isinstance(shape_or_shapes, list)
+              else [shape_or_shapes])
+    return [keras.Variable(np.ones(shape, "float32")) for shape in shapes]
+
+
+def jax_apply_hlo(optimizer, shape):
+    """Optimized HLO of `optimizer.stateless_apply` on one variable (JAX).
+
+    `shape` may be a list of shapes: one variable each.
+    """
+    import jax
+    import numpy as np
+
+    variables = _variables(shape)
     optimizer.build(variables)
 
     def apply(optimizer_values, grads, values):
@@ -82,22 +94,23 @@ def jax_apply_hlo(optimizer, shape):
 
     apply = jax.jit(apply, donate_argnums=(0, 2))
     return apply.lower([v.value for v in optimizer.variables],
-                       [np.ones(shape, "float32")],
+                       [np.ones(v.shape, "float32") for v in variables],
                        [v.value for v in variables]).compile().as_text()
 
 
 def tensorflow_apply_hlo(optimizer, shape):
-    """Optimized HLO of `optimizer.apply` under XLA on one variable (TF)."""
-    import keras
-    import numpy as np
+    """Optimized HLO of `optimizer.apply` under XLA on one variable (TF).
+
+    `shape` may be a list of shapes: one variable each.
+    """
     import tensorflow as tf
 
-    variables = [keras.Variable(np.ones(shape, "float32"))]
+    variables = _variables(shape)
     optimizer.build(variables)
-    apply = tf.function(lambda grad: optimizer.apply([grad], variables),
+    apply = tf.function(lambda grads: optimizer.apply(grads, variables),
                         jit_compile=True)
-    grad = tf.ones(shape)
-    return apply.experimental_get_compiler_ir(grad)(stage="optimized_hlo")
+    grads = [tf.ones(v.shape) for v in variables]
+    return apply.experimental_get_compiler_ir(grads)(stage="optimized_hlo")
 
 
 def torch_full_size_kernels(optimizer, shape):
@@ -126,6 +139,48 @@ def torch_full_size_kernels(optimizer, shape):
                                             for s in event.input_shapes):
             count += 1
     return count
+
+
+def count_hlo_kernels(hlo_text):
+    """Instructions of the entry computation that run: fusions, copies, calls.
+
+    Each is one launch at run time, whatever its size (`_NO_PASS` name values).
+    """
+    count = 0
+    for line in entry_computation(hlo_text):
+        match = _INSTRUCTION.match(line)
+        count += bool(match) and match.group(3) not in _NO_PASS
+    return count
+
+
+def torch_dispatched_ops(optimizer, shapes):
+    """Top-level torch operations of one eager `apply` (views excluded).
+
+    With a `torch._foreach_*` call as one; a replayed graph's operations
+    count one by one, as each is dispatched.
+    """
+    import keras
+    import torch
+
+    variables = _variables(shapes)
+    grads = [keras.ops.ones(v.shape) for v in variables]
+    optimizer.apply(grads, variables)  # builds; the counted step is the second
+    with torch.profiler.profile() as profile:
+        optimizer.apply(grads, variables)
+    return sum(event.name.startswith("aten::") and event.name not in _TORCH_VIEWS
+               and not (event.cpu_parent is not None
+                        and event.cpu_parent.name.startswith("aten::"))
+               for event in profile.events())
+
+
+def count_kernels(backend, optimizer, shapes):
+    """Kernels one `apply` of `optimizer` launches on variables of `shapes`:
+    XLA's (TensorFlow, JAX) or torch's dispatched operations. On a small
+    model they, not memory, bound the step's time."""
+    if backend == "torch":
+        return torch_dispatched_ops(optimizer, shapes)
+    hlo_of = {"jax": jax_apply_hlo, "tensorflow": tensorflow_apply_hlo}[backend]
+    return count_hlo_kernels(hlo_of(optimizer, list(shapes)))
 
 
 def count_passes(backend, optimizer, shape):

@@ -1,10 +1,12 @@
-"""SOAA's step makes no more passes over memory than it does today.
+"""SOAA's step makes no more passes over memory, nor kernels, than it does today.
 
 Counted, not timed (`benchmarks/memory_passes.py`): on TF and JAX, the reads
 and writes of full-size arrays in XLA's optimized HLO of one `apply`; on
 torch, the full-size kernels of one eager `apply`. Keras' Adam is counted
 the same way, which checks the counter: it must see at least Adam's
-necessary passes (read g, m, v, theta; write m, v, theta).
+necessary passes (read g, m, v, theta; write m, v, theta). On a small
+model the kernels an `apply` launches bound its time instead: XLA's
+(TF, JAX) or torch's dispatched operations, counted the same way.
 """
 
 import sys
@@ -16,9 +18,9 @@ from conftest import BACKEND
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-from memory_passes import count_passes  # noqa: E402
+from memory_passes import count_kernels, count_passes  # noqa: E402
 
-from keras_soaa import SOAA  # noqa: E402
+from keras_soaa import SOAA, presets  # noqa: E402
 
 SHAPE = (512, 256)
 # SOAA's counts on Keras 3.15 (docs/performance.md); Adam's for scale. The
@@ -54,4 +56,27 @@ def test_soaa_step_makes_no_more_passes_than_pinned(controller):
     assert passes <= pinned[BACKEND], (
         f"SOAA's step ({controller}) on {BACKEND} makes {passes} passes over "
         f"memory, more than the {pinned[BACKEND]} pinned: a change added one."
+    )
+
+
+# The small MLP 64-128-128-10 (six variables), where the per-batch cost is
+# kernel launches (docs/performance.md). Keras 3.15 counts; Adam's for scale.
+SMALL_MODEL = [(64, 128), (128,), (128, 128), (128,), (128, 10), (10,)]
+ADAM_KERNELS = {"jax": 21, "tensorflow": 21, "torch": 24}
+RECOMMENDED_KERNELS = {"jax": 97, "tensorflow": 109, "torch": 172}
+
+
+def test_adam_is_counted_with_a_kernel_per_variable_at_least():
+    kernels = count_kernels(BACKEND, keras.optimizers.Adam(), SMALL_MODEL)
+    assert len(SMALL_MODEL) <= kernels <= ADAM_KERNELS[BACKEND]
+
+
+def test_recommended_step_on_a_small_model_launches_no_more_kernels_than_pinned():
+    kernels = count_kernels(BACKEND, presets.recommended(1e-3, total_steps=10),
+                            SMALL_MODEL)
+    pinned = RECOMMENDED_KERNELS[BACKEND]
+    assert kernels <= pinned, (
+        f"presets.recommended's step on {BACKEND} launches {kernels} kernels on "
+        f"a six-variable model, more than the {pinned} pinned: a change added "
+        "some, which small models pay every batch."
     )

@@ -206,7 +206,7 @@ def update_step(grads, params, momentums, velocities, weight_decays, scalars, *,
     # (`v + (1 - beta_2) * g * g`, in that order) can miss. From `g`'s extremes
     # (NaN where `g` holds one): one pass, no temporary, a quarter of the
     # time of `_foreach_norm(grads, inf)`, which runs per tensor on CPU.
-    grads_ok = replayed(_squares_are_finite)(
+    grads_ok = _squares_are_finite(
         torch.stack([torch.stack(torch.aminmax(g)) for g in grads]))
     in_place = applies_to_every_variable(grads, params, scalars, beta_1, beta_2,
                                          grads_ok)
@@ -260,13 +260,14 @@ def applies_to_every_variable(grads, params, scalars, beta_1, beta_2, grads_ok):
     )
 
 
-# The per-variable scalar maths between the kernels, in `replayed` calls.
 def _squares_are_finite(extremes):
-    # Per variable, from its `(min, max)`: whether every `g**2` is finite.
+    # Per variable, from its `(min, max)`: whether every `g**2` is finite
+    # (four ops: run as they are, faster than a replay).
     largest = torch.amax(torch.abs(extremes), dim=1)
     return torch.isfinite(largest * largest)
 
 
+# The per-variable scalar maths between the kernels, in two `replayed` calls.
 def _scale_and_check(sums, sizes, scalars, epsilon):
     # `maths.curvature_scale` and `maths.is_finite_step`: `(c, is_finite)`.
     c, sum_v_hat_eps = maths.curvature_scale(sums, sizes, scalars, epsilon)
