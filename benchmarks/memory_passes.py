@@ -9,8 +9,10 @@ and write by an instruction of XLA's optimized HLO entry computation (ideal
 Adam, which XLA makes of Keras' Adam: 4 reads g, m, v, theta and 3 writes;
 on JAX with the state returned in the order it is donated, as in `fit`);
 on torch (eager), every top-level kernel touching full-size arrays.
-`tests/test_memory_passes.py` pins SOAA's counts; the performance docs
-report them.
+On a small model kernel launches, not memory, bound the step:
+`count_kernels` counts those of one `apply` on several variables (XLA's
+kernels; torch's top-level operations). `tests/test_memory_passes.py` pins
+SOAA's counts; the performance docs report them.
 """
 
 import argparse
@@ -113,32 +115,32 @@ def tensorflow_apply_hlo(optimizer, shape):
     return apply.experimental_get_compiler_ir(grads)(stage="optimized_hlo")
 
 
+def torch_top_level_ops(optimizer, shapes, record_shapes=False):
+    """The top-level torch operations of one eager `apply` (the second; views
+    excluded): profiler events of `aten::` operations not inside another."""
+    import keras
+    import torch
+
+    variables = _variables(shapes)
+    grads = [keras.ops.ones(v.shape) for v in variables]
+    optimizer.apply(grads, variables)  # builds; the counted step is the second
+    with torch.profiler.profile(record_shapes=record_shapes) as profile:
+        optimizer.apply(grads, variables)
+    return [event for event in profile.events()
+            if event.name.startswith("aten::") and event.name not in _TORCH_VIEWS
+            and not (event.cpu_parent is not None
+                     and event.cpu_parent.name.startswith("aten::"))]
+
+
 def torch_full_size_kernels(optimizer, shape):
     """Top-level torch kernels of one eager `apply` touching full-size arrays: a
     `torch._foreach_*` call counts once (the profiler records no shapes of its
     list inputs), any other when an input has the variable's element count."""
-    import keras
-    import numpy as np
-    import torch
-
-    variables = [keras.Variable(np.ones(shape, "float32"))]
-    grads = [keras.ops.ones(shape)]
-    optimizer.apply(grads, variables)  # builds; the counted step is the second
     size = math.prod(shape)
-    with torch.profiler.profile(record_shapes=True) as profile:
-        optimizer.apply(grads, variables)
-    count = 0
-    for event in profile.events():
-        parent = event.cpu_parent
-        if not event.name.startswith("aten::") or event.name in _TORCH_VIEWS:
-            continue
-        if parent is not None and parent.name.startswith("aten::"):
-            continue  # a kernel inside another: counted with its caller
-        if "_foreach_" in event.name or any(s and not isinstance(s[0], list)
-                                            and math.prod(s) == size
-                                            for s in event.input_shapes):
-            count += 1
-    return count
+    return sum("_foreach_" in event.name or any(
+        s and not isinstance(s[0], list) and math.prod(s) == size
+        for s in event.input_shapes)
+        for event in torch_top_level_ops(optimizer, shape, record_shapes=True))
 
 
 def count_hlo_kernels(hlo_text):
@@ -153,32 +155,13 @@ def count_hlo_kernels(hlo_text):
     return count
 
 
-def torch_dispatched_ops(optimizer, shapes):
-    """Top-level torch operations of one eager `apply` (views excluded).
-
-    With a `torch._foreach_*` call as one; a replayed graph's operations
-    count one by one, as each is dispatched.
-    """
-    import keras
-    import torch
-
-    variables = _variables(shapes)
-    grads = [keras.ops.ones(v.shape) for v in variables]
-    optimizer.apply(grads, variables)  # builds; the counted step is the second
-    with torch.profiler.profile() as profile:
-        optimizer.apply(grads, variables)
-    return sum(event.name.startswith("aten::") and event.name not in _TORCH_VIEWS
-               and not (event.cpu_parent is not None
-                        and event.cpu_parent.name.startswith("aten::"))
-               for event in profile.events())
-
-
 def count_kernels(backend, optimizer, shapes):
     """Kernels one `apply` of `optimizer` launches on variables of `shapes`:
     XLA's (TensorFlow, JAX) or torch's dispatched operations. On a small
     model they, not memory, bound the step's time."""
-    if backend == "torch":
-        return torch_dispatched_ops(optimizer, shapes)
+    if backend == "torch":  # a `_foreach_*` call as one; a replayed graph's
+        # operations one by one, as each is dispatched
+        return len(torch_top_level_ops(optimizer, list(shapes)))
     hlo_of = {"jax": jax_apply_hlo, "tensorflow": tensorflow_apply_hlo}[backend]
     return count_hlo_kernels(hlo_of(optimizer, list(shapes)))
 

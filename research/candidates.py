@@ -4,7 +4,8 @@
         --optimizers sf_soaa,sf_soaa_hd,adam --out DIR
 
 Takes `compare.py`'s arguments. The candidates (`schedule_free_soaa.install()`:
-`sf_soaa`, `sf_soaa_hd`, `sf_soaa_r1`, `sf_soaa_r2`) join the table for this
+`sf_soaa`, `sf_soaa_hd`, `sf_soaa_r1`, `sf_soaa_r2`;
+`quadratic_prediction.install()`: `soaa_sbq_cosine`) join the table for this
 run only; nothing is registered on import. (The same-batch test predicted from
 the batch's own gradient, a candidate here as `soaa_sbg_cosine`, became the
 package's `same_batch` controller and `presets.recommended` in 0.5.0.)
@@ -32,9 +33,11 @@ def main(argv=None):
 
 def install():
     """Adds every research candidate's rows to the benchmark's table."""
+    import quadratic_prediction
     import schedule_free_soaa
 
     schedule_free_soaa.install()
+    quadratic_prediction.install()
 
 
 if __name__ == "__main__":

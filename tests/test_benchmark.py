@@ -364,11 +364,12 @@ def test_the_benchmark_stands_apart_from_research_and_private_names():
 
 def test_research_registers_nothing_on_import():
     names = keras_soaa.controllers.names()
+    predictions = keras_soaa.maths.PREDICTIONS
     sys.path.insert(0, str(ROOT / "research"))
     try:
         for module in ("targets", "designs", "controller_designs",
                        "tune_controller", "controller_signal", "schedule_free_soaa",
-                       "candidates"):
+                       "candidates", "quadratic_prediction"):
             try:
                 __import__(module)
             except (ImportError, AttributeError) as error:
@@ -376,6 +377,7 @@ def test_research_registers_nothing_on_import():
     finally:
         sys.path.remove(str(ROOT / "research"))
     assert keras_soaa.controllers.names() == names
+    assert keras_soaa.maths.PREDICTIONS == predictions
 
 
 def test_the_benchmark_does_not_import_tensorflow_on_jax_or_torch():
