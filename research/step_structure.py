@@ -10,9 +10,10 @@ sides alternated, median of the repeats). The pieces:
 
 - `skip rule`: where the step is applied. `early` is the library's rule for
   `beta_1 <= beta_2`: every `new_v` finite (`maths.moments_are_finite`),
-  decided before the sums; `from sums` decides from `sum(new_v)` (finite
-  exactly when every `new_v` is, see `curvature_sums`), also before the
-  moments are written; `late` decides from `c` after the sums
+  decided before the sums; `from sums` decides from the curvature sum
+  `sum(new_v)` itself (finite exactly when every `new_v` is, see
+  `curvature_sums`), before the moments are written; `late` decides from
+  `c` after the sums, and writes the moments after the update
   (`maths.is_finite_step`); `none` applies every step (not a valid SOAA).
 - `prediction`: the two predicted-reduction sums `sum(m * q)` and
   `sum(v * q * q)` the paper's controller reads, or none.
@@ -62,13 +63,14 @@ def soaa(skip_rule, prediction, reduce):
         ok = True
         if skip_rule == "early":
             ok = jnp.all(jnp.isfinite(new_v)) & jnp.isfinite(LR)
-        if skip_rule in ("early", "from sums"):
-            sum_v = sums_of(new_v * SCALE**2)[0] if skip_rule == "from sums" else None
-            if sum_v is not None:
-                ok = jnp.isfinite(sum_v) & jnp.isfinite(LR)
             new_m, new_v = jnp.where(ok, new_m, m), jnp.where(ok, new_v, v)
+        # From the new moments as computed (equal to the kept ones where the
+        # step applies; where it does not, c is not used).
         sum_m_sq, sum_v = sums_of(jnp.square(new_m * SCALE), new_v * SCALE**2)
-        if skip_rule == "late":
+        if skip_rule == "from sums":
+            ok = jnp.isfinite(sum_v) & jnp.isfinite(LR)
+            new_m, new_v = jnp.where(ok, new_m, m), jnp.where(ok, new_v, v)
+        elif skip_rule == "late":
             ok = jnp.isfinite(sum_m_sq) & jnp.isfinite(sum_v)
         n = new_v.size
         c = 1 + (sum_m_sq / B1C**2) / (sum_v / B2C + n * EPSILON * SCALE**2)
