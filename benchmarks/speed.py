@@ -16,7 +16,9 @@ Small models (`mlp_small` by default; `--models small` adds `logreg`): batch 64,
 `--small-steps` steps per epoch, preset `recommended(1e-3, total_steps)`, where
 per-batch work around the step dominates. They run in compiled `fit` (eager on
 torch), eager `fit` on JAX (`--steps` steps), and a custom loop (gradients, `apply`,
-`observe_loss` in one `tf.function` / `jax.jit` step; eager on torch); on torch,
+`observe_loss` in one `tf.function` / `jax.jit` step; eager on torch). On torch,
+every `fit` and the `apply` table also run with SOAA's step compiled
+(`SOAA(fused=True)`, mode "eager, fused=True"); on torch,
 `mlp_small` also counts `torch.compile`'s graph breaks and recompiles (a fresh
 process per side). `--models small` alone writes no memory or `apply` table.
 """
@@ -36,8 +38,10 @@ SMALL_MODELS = ("mlp_small", "logreg")
 # Adam, SOAA + TrustRegionCallback, SOAA with the hypergradient controller.
 SIDES = ("adam", "soaa", "soaa_hg")
 CONTROLLERS = {"soaa": "paper", "soaa_hg": "hypergradient"}
+# torch's eager `fit` with SOAA's step compiled (`SOAA(fused=True)`).
+FUSED_MODE = "eager, fused=True"
 MODES = {"tensorflow": ["compiled", "eager"], "jax": ["compiled"],
-         "torch": ["eager"]}
+         "torch": ["eager", FUSED_MODE]}
 
 
 def parse_args(argv=None):
@@ -121,9 +125,10 @@ def make_data(input_shape, classes, batch, steps, is_sequence):
     return x, y
 
 
-def make_optimizer(name, total_steps=None):
+def make_optimizer(name, total_steps=None, fused=None):
     """A side's optimizer and callbacks: Adam, or SOAA with the side's controller
-    (preset `recommended` given `total_steps`; the paper's needs the callback)."""
+    and `fused` (preset `recommended` given `total_steps`; the paper's needs
+    the callback)."""
     import keras
 
     import keras_soaa
@@ -131,9 +136,9 @@ def make_optimizer(name, total_steps=None):
     if name == "adam":
         return keras.optimizers.Adam(1e-3), []
     controller = CONTROLLERS[name]
-    optimizer = (keras_soaa.SOAA(1e-3, controller=controller)
+    optimizer = (keras_soaa.SOAA(1e-3, controller=controller, fused=fused)
                  if total_steps is None else keras_soaa.presets.recommended(
-                     1e-3, total_steps, controller=controller))
+                     1e-3, total_steps, controller=controller, fused=fused))
     return optimizer, ([keras_soaa.TrustRegionCallback()]
                        if controller == "paper" else [])
 
@@ -175,8 +180,10 @@ def time_fit(model_name, mode, args):
     for opt_name in SIDES:
         model, loss, input_shape, classes = make_model(model_name, args.quick)
         optimizer, callbacks = make_optimizer(
-            opt_name, steps * (args.repeats + 1) if small else None)
-        model.compile(optimizer=optimizer, loss=loss, run_eagerly=(mode == "eager"),
+            opt_name, steps * (args.repeats + 1) if small else None,
+            fused=True if mode == FUSED_MODE else None)
+        model.compile(optimizer=optimizer, loss=loss,
+                      run_eagerly=mode.startswith("eager"),
                       jit_compile=(mode == "compiled"))
         x, y = make_data(input_shape, classes, batch, steps,
                          model_name == "transformer")
@@ -295,8 +302,9 @@ def time_custom_loop(model_name, args):
     return result
 
 
-def time_apply(args):
-    """Median ms of `apply` on `--apply-params` in `--apply-variables` variables."""
+def time_apply(args, fused=None):
+    """Median ms of `apply` on `--apply-params` in `--apply-variables` variables
+    (SOAA with `fused`)."""
     import keras
     import numpy as np
 
@@ -311,7 +319,8 @@ def time_apply(args):
     for name in order:
         variables = [keras.Variable(np.zeros(size, "float32")) for _ in range(count)]
         optimizer = (keras.optimizers.Adam() if name == "adam" else
-                     keras_soaa.SOAA(total_steps=1000, controller=CONTROLLERS[name]))
+                     keras_soaa.SOAA(total_steps=1000, controller=CONTROLLERS[name],
+                                     fused=fused))
         optimizer.build(variables)
         grads = [keras.ops.convert_to_tensor(g) for g in grads_np]
         if backend == "tensorflow":
@@ -342,7 +351,7 @@ def time_apply(args):
                     o.apply(grads, v)
 
             steps[name] = step
-        steps[name]()  # warm-up
+        steps[name]()  # warm-up (and compilation)
     timings = {name: [] for name in order}
     for _ in range(args.repeats * 2):
         for name in order:
@@ -391,6 +400,8 @@ def worker(args):
                 file=sys.stderr, flush=True)
     if not only_small(args):
         out["apply"] = time_apply(args)
+        if backend == "torch":
+            out["apply_fused"] = time_apply(args, fused=True)
     print(json.dumps(out))
 
 
@@ -491,11 +502,13 @@ def format_report(results):
               "torch):", "", "| backend | parameters | Adam ms | SOAA ms | "
               "ratio | SOAA-HG ms | ratio |", "|---" * 7 + "|"]
     for result in results:
-        if (a := result["apply"]) is not None:
-            lines.append(f"| {result['backend']} | {a['params']:,} in "
-                         f"{a['variables']} | {a['adam']:.1f} | {a['soaa']:.1f} | "
-                         f"{a['soaa'] / a['adam']:.3f} | {a['soaa_hg']:.1f} | "
-                         f"{a['soaa_hg'] / a['adam']:.3f} |")
+        for key, label in (("apply", ""), ("apply_fused", f" ({FUSED_MODE})")):
+            if (a := result.get(key)) is not None:
+                lines.append(
+                    f"| {result['backend']}{label} | {a['params']:,} in "
+                    f"{a['variables']} | {a['adam']:.1f} | {a['soaa']:.1f} | "
+                    f"{a['soaa'] / a['adam']:.3f} | {a['soaa_hg']:.1f} | "
+                    f"{a['soaa_hg'] / a['adam']:.3f} |")
     return "\n".join(lines) + "\n"
 
 

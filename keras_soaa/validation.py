@@ -103,10 +103,11 @@ def validate_hyperparameters(learning_rate, beta_1, beta_2, epsilon, total_steps
     if weight_decay is not None:
         _check_real("weight_decay", weight_decay, 0.0, math.inf, low_open=False,
                     high_open=True, rule=">= 0 (finite) or `None`")
-    if fused not in (None, False):
+    if not (fused is None or isinstance(fused, bool)):
         raise ValueError(
             "Argument `fused` must be `None` (the backend's fast path where "
-            f"it has one) or `False` (the portable step). Received: fused={fused!r}"
+            "it has one), `True` (that path compiled, torch: `torch.compile`) "
+            f"or `False` (the portable step). Received: fused={fused!r}"
         )
 
 

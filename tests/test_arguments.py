@@ -28,6 +28,7 @@ RULES = {
     "total_steps": "integer >= 1",
     "initial_radius": "> 0",
     "weight_decay": ">= 0",
+    "fused": "`None`",
 }
 
 _NOT_NUMBERS = ["0.5", None, True, False, np.bool_(True), [0.5], 1j]
@@ -54,6 +55,7 @@ INVALID_HYPERPARAMETERS = (
     + [("weight_decay", v) for v in [
         -0.1, NAN, INF, "0.01", True, [0.1], 1j,
     ]]
+    + [("fused", v) for v in [1, 0, "yes", np.bool_(True), "compile"]]
 )
 
 
@@ -121,6 +123,8 @@ VALID_EDGE_HYPERPARAMETERS = [
     dict(initial_radius=1e6),
     dict(epsilon=1e-30),
     dict(weight_decay=0),
+    dict(fused=True),
+    dict(fused=False),
     dict(learning_rate=keras.optimizers.schedules.ExponentialDecay(
         0.1, 10, 0.5)),
 ]

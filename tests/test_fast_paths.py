@@ -1,7 +1,8 @@
 """The backend's own update path gives the numbers of the portable one.
 
 On torch, SOAA updates all variables with fused `torch._foreach_*` kernels
-(keras_soaa/backends/torch.py); on eager TF, `apply` runs the portable
+(keras_soaa/backends/torch.py), compiled by `torch.compile` with
+`fused=True`; on eager TF, `apply` runs the portable
 `update_step` per variable inside one XLA-compiled function; on JAX, the
 plain `update_step` per variable. Either way, `apply` must match the plain
 eager loop of `update_step` over the variables, state included.
@@ -10,7 +11,7 @@ eager loop of `update_step` over the variables, state included.
 import keras
 import numpy as np
 import pytest
-from conftest import scalars_of, to_numpy
+from conftest import compiled_apply, scalars_of, to_numpy
 from custom_controller import SignController
 from keras import ops
 
@@ -55,6 +56,11 @@ def test_backend_path_matches_portable_path(weight_decay, non_finite_at,
     kwargs = dict(learning_rate=0.01, total_steps=10, weight_decay=weight_decay,
                   controller=controller)
     fast, plain = SOAA(**kwargs), SOAA(fused=False, **kwargs)
+    assert_same_training(fast, plain, non_finite_at)
+
+
+def assert_same_training(fast, plain, non_finite_at=None):
+    """`train` gives `fast` the weights and state it gives `plain`."""
     fast_vars = train(fast, 12, non_finite_at)
     plain_vars = train(plain, 12, non_finite_at)
     # Same maths in another op order: float32 rounding, relative to the
@@ -66,6 +72,80 @@ def test_backend_path_matches_portable_path(weight_decay, non_finite_at,
     np.testing.assert_allclose(
         scalars_of(fast), scalars_of(plain), rtol=1e-5, atol=1e-9
     )
+
+
+torch_only = pytest.mark.skipif(keras.backend.backend() != "torch",
+                                reason="`fused=True` compiles only on torch")
+
+
+@torch_only
+@pytest.mark.parametrize("kwargs", [
+    dict(controller="paper", weight_decay=0.05, non_finite_at=4),
+    dict(controller=keras_soaa.controllers.SameBatchController(
+        min_radius=0.5, max_radius=2.0), weight_decay=None, non_finite_at=None),
+])
+def test_compiled_torch_step_matches_portable_path(kwargs):
+    """`fused=True`: the multi-tensor step under `torch.compile` (its own
+    kernels, fused by Inductor), non-finite gradients and decay included."""
+    non_finite_at = kwargs.pop("non_finite_at")
+    kwargs.update(learning_rate=0.01, total_steps=10)
+    assert_same_training(SOAA(fused=True, **kwargs), SOAA(fused=False, **kwargs),
+                         non_finite_at)
+
+
+@torch_only
+def test_compiled_torch_step_compiles_once_per_optimizer():
+    """Later steps reuse the first step's compiled graph (no recompiles), and
+    a second optimizer compiles its own (a code object of its own: it does
+    not use up the first's `recompile_limit`)."""
+    from torch._dynamo.utils import counters
+
+    for _ in range(2):
+        before = counters["stats"]["unique_graphs"]
+        train(SOAA(fused=True, total_steps=10), 6)
+        assert counters["stats"]["unique_graphs"] - before == 1
+
+
+@torch_only
+def test_compiled_torch_step_inside_torch_compile_is_the_outer_graph():
+    """Under `torch.compile` of the train step (`jit_compile=True`), `fused=True`
+    steps as `fused=None` does, in the same number of graphs: the outer
+    compilation covers the step."""
+    from torch._dynamo.utils import counters
+
+    results, graphs = [], []
+    for fused in (None, True):
+        variables = [keras.Variable(np.linspace(-1.0, 1.0, 6).reshape(2, 3))]
+        optimizer = SOAA(learning_rate=0.1, total_steps=10, fused=fused)
+        apply = compiled_apply(optimizer, variables)
+        before = counters["stats"]["unique_graphs"]
+        for step in range(4):
+            apply([np.full((2, 3), 0.5 - step, "float32")])
+        graphs.append(counters["stats"]["unique_graphs"] - before)
+        results.append([to_numpy(v) for v in variables + optimizer.variables])
+    assert graphs[0] == graphs[1]
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+
+
+@torch_only
+def test_compiled_torch_step_without_a_compiler_warns_and_runs_uncompiled(
+        monkeypatch):
+    """Where Inductor finds no C++ compiler, `fused=True` warns once and
+    trains as `fused=None` does."""
+    import torch
+    from torch._inductor import config
+
+    monkeypatch.setattr(config.cpp, "cxx", ("/nonexistent/c++",))
+    torch.compiler.reset()
+    compiled = SOAA(fused=True, total_steps=10)
+    with pytest.warns(UserWarning, match="could not compile") as record:
+        compiled_vars = train(compiled, 4)
+    assert sum("could not compile" in str(w.message) for w in record) == 1
+    eager = SOAA(total_steps=10)
+    for a, b in zip(compiled_vars + compiled.variables,
+                    train(eager, 4) + eager.variables):
+        np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
 
 
 def test_backend_path_matches_portable_path_for_mixed_dtypes():

@@ -1,7 +1,8 @@
 """The one place SOAA's update path is chosen, per backend.
 
 - torch: `keras_soaa.backends.torch.update_variables`, multi-tensor kernels
-  per compute dtype (Keras runs `update_step` eagerly on torch, op by op).
+  per compute dtype (Keras runs `update_step` eagerly on torch, op by op);
+  with `SOAA(fused=True)`, compiled by `torch.compile`.
 - Eager TensorFlow outside a `tf.distribute` strategy: the portable step
   compiled with XLA, one call (op by op, each op would be a pass over memory).
 - Otherwise (JAX, compiled TensorFlow, `SOAA(fused=False)`): the portable

@@ -5,9 +5,13 @@ each function named after the `keras_soaa.maths` one it stands for, on lists of
 tensors, one per variable. `maths` functions of per-variable scalars run as
 they are, on vectors, `replayed`. Where the skip rule will apply every step
 (`applies_to_every_variable`), m, v and the weights are updated in place.
+With `SOAA(fused=True)`, `update_step` runs compiled (`compiled_update_step`).
 """
 
 import functools
+import types
+import warnings
+import weakref
 
 import keras
 import torch
@@ -16,6 +20,8 @@ from keras_soaa import maths
 from keras_soaa.compile import CompiledCache, TorchTrace
 
 _replays = CompiledCache()
+# Per `SOAA(fused=True)`: its `update_step` under `torch.compile`.
+_compiled_steps = weakref.WeakKeyDictionary()
 
 
 def replayed(function, **constants):
@@ -155,13 +161,16 @@ def update_variables(optimizer, grads, variables, learning_rate):
             continue  # no element: nothing to update, nothing predicted
         m, v = optimizer._moments_of(variable)
         groups.setdefault(m.dtype, []).append((grad, variable, m, v))
+    # Inside `torch.compile` (`jit_compile=True`) the step is compiled already.
+    step = (compiled_update_step(optimizer) if optimizer.fused is True
+            and not torch.compiler.is_compiling() else update_step)
     for dtype, members in groups.items():
         grads, variables, momentums, velocities = zip(*members)
         scalars = replayed(maths.step_scalars, beta_1=optimizer.beta_1,
                            beta_2=optimizer.beta_2, dtype=dtype)(
             *map(keras.ops.convert_to_tensor,
                  (learning_rate, optimizer.iterations, optimizer.radius)))
-        totals = update_step(
+        totals = step(
             [keras.ops.convert_to_tensor(g) for g in grads],
             [variable.value for variable in variables],
             [m.value for m in momentums],
@@ -233,6 +242,49 @@ def update_step(grads, params, momentums, velocities, weight_decays, scalars, *,
                 torch.where(ok, new, state, out=state)
     return replayed(_applied_totals, sums=tuple(declared), kinds=kinds)(
         predicted_sums, scalars, is_finite, sum_vectors)
+
+
+def compiled_update_step(optimizer):
+    """`update_step` compiled with `torch.compile`, for `optimizer` (`fused=True`).
+
+    Inductor fuses its kernels into a few loops: on a small model the step
+    costs a fraction of its dozens of kernel launches. Compiled once per
+    variable shapes, on the first step (seconds; a C++ compiler is needed).
+    A copy of the code object per optimizer: Dynamo keeps compiled graphs per
+    code object, up to `recompile_limit` of them.
+    """
+    if optimizer not in _compiled_steps:
+        plain = update_step.__wrapped__  # under `torch.no_grad()`
+        copy = types.FunctionType(plain.__code__.replace(), plain.__globals__,
+                                  plain.__name__, plain.__defaults__, plain.__closure__)
+        copy.__kwdefaults__ = plain.__kwdefaults__
+        _compiled_steps[optimizer] = _CompiledStep(
+            torch.compile(torch.no_grad()(copy), dynamic=False))
+    return _compiled_steps[optimizer]
+
+
+class _CompiledStep:
+    # The compiled step, or, once compiling it has failed (e.g. no C++
+    # compiler), `update_step` after one warning.
+
+    def __init__(self, compiled):
+        self._step = compiled
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return self._step(*args, **kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as error:
+            # Raised while compiling, before the step ran: nothing written.
+            if self._step is update_step:
+                raise
+            self._step = update_step
+            warnings.warn(
+                "SOAA(fused=True) could not compile its step with torch.compile "
+                f"({type(error.inner_exception).__name__}: "
+                f"{str(error.inner_exception)[:300]}); it runs the step uncompiled, "
+                "as `fused=None` does. `fused=None` avoids this attempt.",
+                UserWarning, stacklevel=2)
+            return update_step(*args, **kwargs)
 
 
 def _host_reads_are_free(tensor):
