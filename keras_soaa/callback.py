@@ -1,6 +1,7 @@
 """`TrustRegionCallback`: feeds each trained batch's loss to SOAA during `fit`."""
 
 import contextlib
+import functools
 import threading
 import warnings
 from typing import NamedTuple
@@ -10,7 +11,12 @@ import numpy as np
 from keras import ops
 
 from keras_soaa import _keras_internals as internals
-from keras_soaa.compile import CompiledCache, compile_state_update, read_value
+from keras_soaa.compile import (
+    CompiledCache,
+    compile_state_update,
+    read_value,
+    replayed_on_torch,
+)
 from keras_soaa.controllers import LossPair
 from keras_soaa.optimizer import SOAA
 
@@ -103,6 +109,28 @@ def hand_over_loss(values, iterations, observed_iterations, pending, unread,
     )
 
 
+def observe_pair(values, iterations, unread, kept, loss_after, *, update):
+    """One same-batch test's observation of the batch's loss pair (pure).
+
+    `unread`: the tracker's unread `(total, count)` after the step; `kept`:
+    the optimizer's count and those sums before it, whose growth is the
+    batch's loss before the step. Observes `(before, loss_after)` with
+    `update` if the optimizer stepped.
+
+    Returns:
+        `(values, report)`: the controller's new `(radius, *sums, *state)`
+        and the float32 report `[observed (0 or 1), loss before, *values]`.
+    """
+    iterations_before, total, count = kept
+    count = unread[1] - count
+    before = (unread[0] - total) / ops.where(count > 0.0, count, 1.0)
+    ready = ops.logical_and(ops.not_equal(iterations, iterations_before),
+                            count > 0.0)
+    new = update(values, LossPair(before, loss_after), iterations)
+    values = tuple(ops.where(ready, n, o) for n, o in zip(new, values))
+    return values, ops.stack([ops.cast(ready, "float32"), before, *values])
+
+
 # Where the train step returns the hand-over's report (see `_LossHandOver.in_step`).
 REPORT_LOG = "_keras_soaa_report"
 
@@ -179,22 +207,18 @@ class _LossHandOver:
 
         `kept`: the optimizer's count and the tracker's unread sums before
         the step, whose growth is the batch's loss before it. Observes the
-        pair if the optimizer stepped; returns what `in_step` returns.
+        pair if the optimizer stepped (`observe_pair`); returns what
+        `in_step` returns.
         """
-        iterations_before, total, count = kept
         tracker = self._tracker
-        count = read_value(tracker.unread_count) - count
-        before = (read_value(tracker.unread_total) - total) / ops.where(
-            count > 0.0, count, 1.0)
-        iterations = read_value(self.optimizer.iterations)
-        ready = ops.logical_and(ops.not_equal(iterations, iterations_before),
-                                count > 0.0)
-        old = self.optimizer._controller_values()
-        new = update(old, LossPair(before, ops.cast(batch_loss(), "float32")),
-                     iterations)
-        values = tuple(ops.where(ready, n, o) for n, o in zip(new, old))
+        # On torch the step runs uncompiled: its scalar maths replayed.
+        observe = self._compiled.get(("pair", update), lambda: replayed_on_torch(
+            functools.partial(observe_pair, update=update)))
+        values, report = observe(
+            self.optimizer._controller_values(), read_value(self.optimizer.iterations),
+            (read_value(tracker.unread_total), read_value(tracker.unread_count)),
+            tuple(kept), ops.cast(batch_loss(), "float32"))
         self.optimizer._assign_controller_values(values)
-        report = ops.stack([ops.cast(ready, "float32"), before, *values])
         return {REPORT_LOG: report, "radius": values[0]}
 
     def train_function(self, model):

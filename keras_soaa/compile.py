@@ -17,8 +17,13 @@ def read_value(variable):
     not `ops.copy`: under `torch.compile`, `b.assign(copy(a))` then
     `a.assign(0)` left `b == 0` (tests/test_observe_loss.py pins it).
     """
-    if keras.backend.backend() == "jax":
+    backend = keras.backend.backend()
+    if backend == "jax":
         return ops.convert_to_tensor(variable)
+    if backend == "torch":  # the op `ops.add` runs, without its checks (per batch)
+        import torch
+
+        return torch.add(getattr(variable, "value", variable), 0)
     return ops.add(variable, ops.zeros((), variable.dtype))
 
 
@@ -52,6 +57,14 @@ def compile_state_update(read, compute, write, *, jit_compile=False):
 
         run = tf.function(run, autograph=False, jit_compile=jit_compile)
     return run
+
+
+def replayed_on_torch(compute):
+    """`compute` (pure), replayed as a graph on torch (`TorchTrace`).
+
+    Elsewhere as it is: it runs inside a compiled step there.
+    """
+    return TorchTrace(compute) if keras.backend.backend() == "torch" else compute
 
 
 def _as_function(compute):

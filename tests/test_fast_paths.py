@@ -148,7 +148,10 @@ def test_compiled_torch_step_without_a_compiler_warns_and_runs_uncompiled(
         np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
 
 
-def test_backend_path_matches_portable_path_for_mixed_dtypes():
+@pytest.mark.parametrize("fused", [
+    None, pytest.param(True, marks=pytest.mark.skipif(
+        keras.backend.backend() != "torch", reason="as `None` but on torch"))])
+def test_backend_path_matches_portable_path_for_mixed_dtypes(fused):
     """float16 and bfloat16 variables (float32 moments), an empty variable
     and a huge gradient whose plain sums overflow (the scaled branch)."""
     def make():
@@ -161,7 +164,7 @@ def test_backend_path_matches_portable_path_for_mixed_dtypes():
 
     # beta_2 = 0.5: v = g**2 / 2 ~ 5e37 at the huge step, summed: inf.
     kwargs = dict(total_steps=8, beta_2=0.5)
-    fast, plain = SOAA(**kwargs), SOAA(fused=False, **kwargs)
+    fast, plain = SOAA(fused=fused, **kwargs), SOAA(fused=False, **kwargs)
     fast_vars, plain_vars = make(), make()
     for step in range(6):
         rng = np.random.default_rng(step)
