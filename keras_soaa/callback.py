@@ -13,6 +13,7 @@ from keras import ops
 from keras_soaa import _keras_internals as internals
 from keras_soaa.compile import (
     CompiledCache,
+    assign_values,
     compile_state_update,
     read_value,
     replayed_on_torch,
@@ -261,13 +262,15 @@ class _LossHandOver:
             (read_value(tracker.unread_total), read_value(tracker.unread_count)),
         )
 
-    def _assign_tracked(self, values, pending, unread):
-        self.optimizer._assign_controller_values(values)
+    def _assign_tracked(self, values, pending, unread, observed_iterations=None):
         tracker = self._tracker
-        for variable, value in zip((tracker.pending_total, tracker.pending_count,
-                                    tracker.unread_total, tracker.unread_count),
-                                   (*pending, *unread)):
-            variable.assign(value)
+        variables = [*self.optimizer._controller_variables, tracker.pending_total,
+                     tracker.pending_count, tracker.unread_total, tracker.unread_count]
+        values = [*values, *pending, *unread]
+        if observed_iterations is not None:
+            variables.append(self._observed_iterations)
+            values.append(observed_iterations)
+        assign_values(variables, values)
 
     def _inputs(self):
         return (self.optimizer._controller_values(),
@@ -276,8 +279,7 @@ class _LossHandOver:
 
     def _assign(self, outputs):
         values, observed_iterations, pending, unread, report = outputs
-        self._assign_tracked(values, pending, unread)
-        self._observed_iterations.assign(observed_iterations)
+        self._assign_tracked(values, pending, unread, observed_iterations)
         return report
 
 

@@ -27,6 +27,34 @@ def read_value(variable):
     return ops.add(variable, ops.zeros((), variable.dtype))
 
 
+def assign_values(variables, values):
+    """Assigns each of `values` (of its variable's dtype and shape) to its variable.
+
+    On torch, eagerly: one `torch._foreach_copy_` for all, where each
+    `Variable.assign` would convert and check its value first (they run
+    per batch in `fit`, a few scalars each).
+    """
+    variables, values = list(variables), list(values)
+    if keras.backend.backend() == "torch" and not _traced_or_stateless():
+        import torch
+
+        with torch.no_grad():
+            torch._foreach_copy_([v.value for v in variables], values)
+        return
+    for variable, value in zip(variables, values):
+        variable.assign(value)
+
+
+def _traced_or_stateless():
+    # Inside `torch.compile`, or a `keras.StatelessScope` (where `value`
+    # is the scope's, and an assignment must go through it).
+    import torch
+
+    from keras_soaa import _keras_internals as internals
+
+    return torch.compiler.is_compiling() or internals.in_stateless_scope()
+
+
 def compile_state_update(read, compute, write, *, jit_compile=False):
     """Returns `run(*args) = write(compute(*read(*args)))`, compiled.
 

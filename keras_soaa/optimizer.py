@@ -10,7 +10,12 @@ from keras import ops
 
 from keras_soaa import _keras_internals as internals
 from keras_soaa import _migration, backends, controllers, maths, validation
-from keras_soaa.compile import CompiledCache, compile_state_update, read_value
+from keras_soaa.compile import (
+    CompiledCache,
+    assign_values,
+    compile_state_update,
+    read_value,
+)
 
 # The state layout this keras-soaa saves (docs/saving.md, "State layout"):
 # Keras restores optimizer variables by position, so their order is a file
@@ -256,8 +261,7 @@ class SOAA(keras.optimizers.Optimizer):
         return tuple(map(read_value, self._controller_variables))
 
     def _assign_controller_values(self, values):
-        for variable, value in zip(self._controller_variables, values):
-            variable.assign(value)
+        assign_values(self._controller_variables, values)
 
     def _loss_update(self) -> _LossUpdate:
         return _LossUpdate(self.controller, self.total_steps, self.beta_1, self.epsilon)
