@@ -64,6 +64,7 @@ def parse_args(argv=None):
         help="time with glibc's default malloc settings (see HEAP_MALLOC)")
     for hidden in ("--worker", "--memory-of", "--compile-of"):
         add(hidden, help=argparse.SUPPRESS)
+    add("--memory-fused", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.models = ",".join(",".join(SMALL_MODELS) if m == "small" else m
                            for m in args.models.split(","))
@@ -410,7 +411,8 @@ def memory_worker(args):
     import resource
 
     model, loss, input_shape, classes = make_model("mlp", args.quick)
-    optimizer, callbacks = make_optimizer(args.memory_of)
+    optimizer, callbacks = make_optimizer(args.memory_of,
+                                          fused=True if args.memory_fused else None)
     model.compile(optimizer=optimizer, loss=loss)
     batch = 32 if args.quick else 256
     x, y = make_data(input_shape, classes, batch, args.steps, False)
@@ -474,8 +476,9 @@ def format_report(results):
              "| SOAA-HG ms/step | ratio | state bytes Adam / SOAA / SOAA-HG "
              "| peak RSS MB Adam / SOAA / SOAA-HG |", "|---" * 10 + "|"]
     for result in results:
-        memory = result.get("memory")
         for row in result["fit"]:
+            memory = result.get("memory_fused" if row["mode"] == FUSED_MODE
+                                else "memory")
             peak = (sides(memory) + f" ({memory['soaa'] / memory['adam'] - 1:+.1%}"
                     f", {memory['soaa_hg'] / memory['adam'] - 1:+.1%})"
                     if row["model"] == "mlp" and memory else "")
@@ -536,9 +539,11 @@ def main(argv=None):
                 "--compile-of", name, *passthrough]) for name in SIDES}
         results.append(result)
         if not only_small(args):
-            result["memory"] = {name: run_child(
-                backend, ["--memory-of", name, *passthrough])["peak_rss_mb"]
-                for name in SIDES}
+            for key, extra in (("memory", []), ("memory_fused", ["--memory-fused"])):
+                if key == "memory" or backend == "torch":
+                    result[key] = {name: run_child(backend, [
+                        "--memory-of", name, *extra, *passthrough])["peak_rss_mb"]
+                        for name in SIDES}
     report = format_report(results)
     print(report)
     output = Path(args.output)
