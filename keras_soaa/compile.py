@@ -30,16 +30,17 @@ def read_value(variable):
 def assign_values(variables, values):
     """Assigns each of `values` (of its variable's dtype and shape) to its variable.
 
-    On torch, eagerly: one `torch._foreach_copy_` for all, where each
-    `Variable.assign` would convert and check its value first (they run
-    per batch in `fit`, a few scalars each).
+    On torch, eagerly: a plain in-place copy each, where `Variable.assign`
+    would convert and check its value first (they run per batch in `fit`,
+    a few scalars each).
     """
     variables, values = list(variables), list(values)
     if keras.backend.backend() == "torch" and not _traced_or_stateless():
         import torch
 
         with torch.no_grad():
-            torch._foreach_copy_([v.value for v in variables], values)
+            for variable, value in zip(variables, values):
+                variable.value.copy_(value)
         return
     for variable, value in zip(variables, values):
         variable.assign(value)

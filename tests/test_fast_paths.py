@@ -129,17 +129,16 @@ def test_compiled_torch_step_inside_torch_compile_is_the_outer_graph():
 
 
 @torch_only
-def test_compiled_torch_step_without_a_compiler_warns_and_runs_uncompiled(
-        monkeypatch):
+def test_compiled_torch_step_without_a_compiler_warns_and_runs_uncompiled():
     """Where Inductor finds no C++ compiler, `fused=True` warns once and
     trains as `fused=None` does."""
     import torch
     from torch._inductor import config
 
-    monkeypatch.setattr(config.cpp, "cxx", ("/nonexistent/c++",))
     torch.compiler.reset()
     compiled = SOAA(fused=True, total_steps=10)
-    with pytest.warns(UserWarning, match="could not compile") as record:
+    with (config.patch({"cpp.cxx": ("/nonexistent/c++",)}),
+          pytest.warns(UserWarning, match="could not compile") as record):
         compiled_vars = train(compiled, 4)
     assert sum("could not compile" in str(w.message) for w in record) == 1
     eager = SOAA(total_steps=10)

@@ -5,7 +5,8 @@ each function named after the `keras_soaa.maths` one it stands for, on lists of
 tensors, one per variable. `maths` functions of per-variable scalars run as
 they are, on vectors, `replayed`. Where the skip rule will apply every step
 (`applies_to_every_variable`), m, v and the weights are updated in place.
-With `SOAA(fused=True)`, `update_step` runs compiled (`compiled_update_step`).
+With `SOAA(fused=True)`, `update_group` (the step scalars, `update_step`
+and the controller's sums) runs compiled (`compiled_update_group`).
 """
 
 import functools
@@ -20,7 +21,7 @@ from keras_soaa import maths
 from keras_soaa.compile import CompiledCache, TorchTrace
 
 _replays = CompiledCache()
-# Per `SOAA(fused=True)`: its `update_step` under `torch.compile`.
+# Per `SOAA(fused=True)`: its `update_group` under `torch.compile`.
 _compiled_steps = weakref.WeakKeyDictionary()
 
 
@@ -151,7 +152,7 @@ def prediction_sums(kinds, grads, new_m, new_v, directions):
 
 
 def update_variables(optimizer, grads, variables, learning_rate):
-    """Runs `update_step` once per compute dtype over the non-empty variables.
+    """Runs `update_group` once per compute dtype over the non-empty variables.
 
     Adds the controller's sums to their variables, as `SOAA.update_step` does.
     """
@@ -162,25 +163,43 @@ def update_variables(optimizer, grads, variables, learning_rate):
         m, v = optimizer._moments_of(variable)
         groups.setdefault(m.dtype, []).append((grad, variable, m, v))
     # Inside `torch.compile` (`jit_compile=True`) the step is compiled already.
-    step = (compiled_update_step(optimizer) if optimizer.fused is True
-            and not torch.compiler.is_compiling() else update_step)
+    step = (compiled_update_group(optimizer) if optimizer.fused is True
+            and not torch.compiler.is_compiling() else update_group)
+    inputs = tuple(map(keras.ops.convert_to_tensor,
+                       (learning_rate, optimizer.iterations, optimizer.radius)))
     for dtype, members in groups.items():
         grads, variables, momentums, velocities = zip(*members)
-        scalars = replayed(maths.step_scalars, beta_1=optimizer.beta_1,
-                           beta_2=optimizer.beta_2, dtype=dtype)(
-            *map(keras.ops.convert_to_tensor,
-                 (learning_rate, optimizer.iterations, optimizer.radius)))
-        totals = step(
+        step(
+            inputs,
             [keras.ops.convert_to_tensor(g) for g in grads],
             [variable.value for variable in variables],
             [m.value for m in momentums],
             [v.value for v in velocities],
             [optimizer._weight_decay_of(variable) for variable in variables],
-            scalars, beta_1=optimizer.beta_1, beta_2=optimizer.beta_2,
-            epsilon=optimizer.epsilon, sums=optimizer.controller.sums,
+            [total.value for total in optimizer._sums],
+            beta_1=optimizer.beta_1, beta_2=optimizer.beta_2,
+            epsilon=optimizer.epsilon, sums=optimizer.controller.sums, dtype=dtype,
         )
-        for variable, total in zip(optimizer._sums, totals):
-            variable.assign_add(total)
+
+
+@torch.no_grad()
+def update_group(inputs, grads, params, momentums, velocities, weight_decays, totals,
+                 *, beta_1, beta_2, epsilon, sums, dtype):
+    """`update_step` from the step's `(learning_rate, iterations, radius)`.
+
+    Computes the step's `maths.StepScalars` in `dtype` (`maths.step_scalars`),
+    runs `update_step` and adds its sums to `totals` (the values of the
+    controller's sum variables) in place. The unit `fused=True` compiles.
+    """
+    scalars_of = (functools.partial(maths.step_scalars, beta_1=beta_1, beta_2=beta_2,
+                                    dtype=dtype)
+                  if torch.compiler.is_compiling() else replayed(
+                      maths.step_scalars, beta_1=beta_1, beta_2=beta_2, dtype=dtype))
+    added = update_step(grads, params, momentums, velocities, weight_decays,
+                        scalars_of(*inputs), beta_1=beta_1, beta_2=beta_2,
+                        epsilon=epsilon, sums=sums)
+    for total, value in zip(totals, added):
+        total.add_(value)
 
 
 @torch.no_grad()
@@ -244,17 +263,17 @@ def update_step(grads, params, momentums, velocities, weight_decays, scalars, *,
         predicted_sums, scalars, is_finite, sum_vectors)
 
 
-def compiled_update_step(optimizer):
-    """`update_step` compiled with `torch.compile`, for `optimizer` (`fused=True`).
+def compiled_update_group(optimizer):
+    """`update_group` compiled with `torch.compile`, for `optimizer` (`fused=True`).
 
-    Inductor fuses its kernels into a few loops: on a small model the step
-    costs a fraction of its dozens of kernel launches. Compiled once per
+    Inductor fuses the step's kernels into a few loops: on a small model the
+    step costs a fraction of its dozens of kernel launches. Compiled once per
     variable shapes, on the first step (seconds; a C++ compiler is needed).
     A copy of the code object per optimizer: Dynamo keeps compiled graphs per
     code object, up to `recompile_limit` of them.
     """
     if optimizer not in _compiled_steps:
-        plain = update_step.__wrapped__  # under `torch.no_grad()`
+        plain = update_group.__wrapped__  # under `torch.no_grad()`
         copy = types.FunctionType(plain.__code__.replace(), plain.__globals__,
                                   plain.__name__, plain.__defaults__, plain.__closure__)
         copy.__kwdefaults__ = plain.__kwdefaults__
@@ -265,7 +284,7 @@ def compiled_update_step(optimizer):
 
 class _CompiledStep:
     # The compiled step, or, once compiling it has failed (e.g. no C++
-    # compiler), `update_step` after one warning.
+    # compiler), `update_group` after one warning.
 
     def __init__(self, compiled):
         self._step = compiled
@@ -275,16 +294,16 @@ class _CompiledStep:
             return self._step(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as error:
             # Raised while compiling, before the step ran: nothing written.
-            if self._step is update_step:
+            if self._step is update_group:
                 raise
-            self._step = update_step
+            self._step = update_group
             warnings.warn(
                 "SOAA(fused=True) could not compile its step with torch.compile "
                 f"({type(error.inner_exception).__name__}: "
                 f"{str(error.inner_exception)[:300]}); it runs the step uncompiled, "
                 "as `fused=None` does. `fused=None` avoids this attempt.",
                 UserWarning, stacklevel=2)
-            return update_step(*args, **kwargs)
+            return update_group(*args, **kwargs)
 
 
 def _host_reads_are_free(tensor):
