@@ -40,7 +40,7 @@ def assign_values(variables, values):
 
         with torch.no_grad():
             for variable, value in zip(variables, values):
-                variable.value.copy_(value)
+                variable.value.copy_(torch.as_tensor(value))
         return
     for variable, value in zip(variables, values):
         variable.assign(value)
