@@ -87,8 +87,8 @@ torch_only = pytest.mark.skipif(keras.backend.backend() != "torch",
 def test_compiled_torch_step_matches_portable_path(kwargs):
     """`fused=True`: the multi-tensor step under `torch.compile` (its own
     kernels, fused by Inductor), non-finite gradients and decay included."""
+    kwargs = dict(kwargs, learning_rate=0.01, total_steps=10)  # not the param's
     non_finite_at = kwargs.pop("non_finite_at")
-    kwargs.update(learning_rate=0.01, total_steps=10)
     assert_same_training(SOAA(fused=True, **kwargs), SOAA(fused=False, **kwargs),
                          non_finite_at)
 
